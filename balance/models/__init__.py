@@ -1,0 +1,30 @@
+"""Models: encoders, fusion heads and the `MultimodalModel` that joins them (plain nn.Modules)."""
+
+from balance.models.encoders import MLPEncoder, ResNet18Encoder, SmallCNNEncoder, TextEncoder, replicate
+from balance.models.fusion import (
+    ConcatFusion,
+    FiLMFusion,
+    FusionHead,
+    GatedFusion,
+    LateFusion,
+    SharedHead,
+    SumFusion,
+)
+from balance.models.multimodal import MultimodalModel, drop_features
+
+__all__ = [
+    "ConcatFusion",
+    "FiLMFusion",
+    "FusionHead",
+    "GatedFusion",
+    "LateFusion",
+    "MLPEncoder",
+    "MultimodalModel",
+    "ResNet18Encoder",
+    "SharedHead",
+    "SmallCNNEncoder",
+    "SumFusion",
+    "TextEncoder",
+    "drop_features",
+    "replicate",
+]

@@ -1,0 +1,161 @@
+"""Fusion heads: a dict of per-modality features (ordered as the model's modalities) to class logits.
+
+Every head takes ``feature_dims`` (modality -> feature size, in order) and ``num_classes`` as its first two
+arguments; model configs give the rest and mark the head ``_partial_`` so the model fills those two in.
+``unimodal_logits`` is each modality's own prediction; heads without a natural one fall back to fusing with
+every other modality's features zeroed, the way the valuation code drops modalities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+class FusionHead(nn.Module):
+    """Base class: remembers the modality order and provides the zero-the-others unimodal fallback."""
+
+    def __init__(self, feature_dims: Mapping[str, int], num_classes: int) -> None:
+        super().__init__()
+        if len(feature_dims) < 1:
+            raise ValueError("a fusion head needs at least one modality")
+        self.modalities = list(feature_dims)
+        self.feature_dims = dict(feature_dims)
+        self.num_classes = num_classes
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            m: self({k: f if k == m else torch.zeros_like(f) for k, f in features.items()}) for m in self.modalities
+        }
+
+
+class ConcatFusion(FusionHead):
+    """One linear layer on the concatenated features (the standard joint-training baseline).
+
+    Each modality's own logits are its block of the weight plus the bias shared equally,
+    ``W[:, slice_m] f_m + b / M``, the convention OGM-GE uses to read unimodal accuracy off a concat head.
+    """
+
+    def __init__(self, feature_dims: Mapping[str, int], num_classes: int) -> None:
+        super().__init__(feature_dims, num_classes)
+        self.linear = nn.Linear(sum(feature_dims.values()), num_classes)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(torch.cat([features[m] for m in self.modalities], dim=1))
+
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        blocks = torch.split(self.linear.weight, [self.feature_dims[m] for m in self.modalities], dim=1)
+        share = self.linear.bias / len(self.modalities)
+        return {m: features[m] @ block.T + share for m, block in zip(self.modalities, blocks)}
+
+
+class _PerModalityHeads(FusionHead):
+    def __init__(self, feature_dims: Mapping[str, int], num_classes: int) -> None:
+        super().__init__(feature_dims, num_classes)
+        self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.heads[m](features[m]) for m in self.modalities}
+
+
+class SumFusion(_PerModalityHeads):
+    """A linear head per modality; the fused logits are their sum (OGM-GE's sum fusion)."""
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.unimodal_logits(features).values())).sum(0)
+
+
+class LateFusion(_PerModalityHeads):
+    """A linear head per modality; the fused logits are their mean (late fusion of unimodal predictions)."""
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.unimodal_logits(features).values())).mean(0)
+
+
+class FiLMFusion(FusionHead):
+    """Feature-wise linear modulation (OGM-GE's FiLM), generalised to M modalities.
+
+    One modality (``condition``, default the first) predicts a scale and shift applied to the concatenation of
+    the others: ``out(gamma * x + beta)`` with ``gamma, beta = film(f_condition)``. For two modalities this is
+    OGM-GE's ``FiLM`` with the conditioning modality chosen by name instead of a flag.
+
+    Args:
+        hidden_dim: width of the modulated features (the other modalities are projected to it).
+        condition: name of the conditioning modality.
+    """
+
+    def __init__(
+        self, feature_dims: Mapping[str, int], num_classes: int, hidden_dim: int = 512, condition: str | None = None
+    ) -> None:
+        super().__init__(feature_dims, num_classes)
+        if len(feature_dims) < 2:
+            raise ValueError("FiLM fusion needs at least two modalities")
+        self.condition = condition or self.modalities[0]
+        if self.condition not in feature_dims:
+            raise ValueError(f"FiLM condition {self.condition!r} is not one of {self.modalities}")
+        self.others = [m for m in self.modalities if m != self.condition]
+        self.project = nn.Linear(sum(feature_dims[m] for m in self.others), hidden_dim)
+        self.film = nn.Linear(feature_dims[self.condition], 2 * hidden_dim)
+        self.out = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        gamma, beta = self.film(features[self.condition]).chunk(2, dim=1)
+        x = self.project(torch.cat([features[m] for m in self.others], dim=1))
+        return self.out(gamma * x + beta)
+
+
+class GatedFusion(FusionHead):
+    """Gated fusion (OGM-GE's ``GatedFusion``), generalised to M modalities.
+
+    Every modality is projected to ``hidden_dim``; the ``gate`` modality's projection, through a sigmoid,
+    multiplies the sum of the others' projections before the output layer.
+
+    Args:
+        hidden_dim: width of the projections.
+        gate: name of the gating modality (default the first).
+    """
+
+    def __init__(
+        self, feature_dims: Mapping[str, int], num_classes: int, hidden_dim: int = 512, gate: str | None = None
+    ) -> None:
+        super().__init__(feature_dims, num_classes)
+        if len(feature_dims) < 2:
+            raise ValueError("gated fusion needs at least two modalities")
+        self.gate = gate or self.modalities[0]
+        if self.gate not in feature_dims:
+            raise ValueError(f"gate modality {self.gate!r} is not one of {self.modalities}")
+        self.project = nn.ModuleDict({m: nn.Linear(d, hidden_dim) for m, d in feature_dims.items()})
+        self.out = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        gate = torch.sigmoid(self.project[self.gate](features[self.gate]))
+        others = sum(self.project[m](features[m]) for m in self.modalities if m != self.gate)
+        return self.out(gate * others)
+
+
+class SharedHead(FusionHead):
+    """One linear classifier applied to every modality's features (MLA); fused logits are their mean.
+
+    All modalities must have the same feature size: set the model's ``feature_dim`` to project them.
+    """
+
+    def __init__(self, feature_dims: Mapping[str, int], num_classes: int) -> None:
+        super().__init__(feature_dims, num_classes)
+        sizes = set(feature_dims.values())
+        if len(sizes) != 1:
+            raise ValueError(
+                f"a shared head needs one feature size for all modalities, got {self.feature_dims}; "
+                "set model.feature_dim to project every encoder to a common size"
+            )
+        self.linear = nn.Linear(sizes.pop(), num_classes)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.unimodal_logits(features).values())).mean(0)
+
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.linear(features[m]) for m in self.modalities}

@@ -1,0 +1,106 @@
+"""Builds a run from its Hydra config, trains, selects the best epoch on validation, tests once, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from balance.methods import MultimodalMethod
+from balance.report import format_results
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """Instantiates the datamodule and sets it up, so that what the model needs from the data is known."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def build_model_config(cfg: DictConfig, datamodule: Any) -> DictConfig:
+    """The model config with what only the data knows filled in: class count and per-encoder values (e.g. a
+    vocabulary size) wherever the encoder's config has that key."""
+    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    with open_dict(model_cfg):
+        model_cfg.num_classes = datamodule.num_classes
+        encoders = model_cfg.get("encoders", {})
+        for modality, values in datamodule.encoder_kwargs.items():
+            node = encoders.get(modality)
+            for key, value in values.items():
+                if node is not None and key in node:
+                    node[key] = value
+    return model_cfg
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MultimodalMethod]:
+    """The datamodule and the method (holding its model) described by ``cfg``."""
+    datamodule = build_datamodule(cfg)
+    model = instantiate(build_model_config(cfg, datamodule))
+    if list(model.modalities) != list(datamodule.modalities):
+        raise ValueError(
+            f"model {cfg.model.get('_target_')} has encoders for {list(model.modalities)} but the data provides "
+            f"{list(datamodule.modalities)}: pick a model config for this data set (model=...)"
+        )
+    method = instantiate(cfg.method, model=model)
+    return datamodule, method
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
+
+
+def _strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
+    prefix = f"{stage}/"
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fits the method, evaluates the best validation checkpoint on val and test, writes ``results.json``.
+
+    Returns:
+        ``{"val": {...}, "test": {...}, "best_checkpoint": path, "best_epoch": int}``.
+    """
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    datamodule, method = build(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    if best is None:
+        log.warning("no best checkpoint (no ModelCheckpoint monitoring validation): testing the last weights")
+    val = trainer.validate(method, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    test = trainer.test(method, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    results = {
+        "val": _strip_stage(val, "val"),
+        "test": _strip_stage(test, "test"),
+        "best_checkpoint": best,
+        "best_epoch": _checkpoint_epoch(best),
+        "selection": "best val/acc" if best else "last epoch",
+    }
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print(format_results(results, list(datamodule.modalities)))
+        print(f"results: {run_dir / 'results.json'}")
+    return results
+
+
+def _checkpoint_epoch(path: str | None) -> int | None:
+    if not path:
+        return None
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])

@@ -1,0 +1,125 @@
+"""The base datamodule: splits, the batch contract (``inputs``, ``label``, ``index``, ``present``), loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.missing import missing_mask
+
+SPLITS = ("train", "val", "test")
+
+
+class IndexedDataset(Dataset):
+    """Adds ``index`` (the position in its split) and, when a missing mask is given, ``present`` to each sample.
+
+    Missing modalities have their inputs zeroed (token ids become padding), as in CPM-Net's masks.
+    """
+
+    def __init__(self, dataset: Dataset, modalities: list[str], keep: np.ndarray | None = None) -> None:
+        self.dataset = dataset
+        self.modalities = modalities
+        self.keep = None if keep is None else torch.from_numpy(keep)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        sample["index"] = index
+        if self.keep is not None:
+            present = self.keep[index]
+            sample["inputs"] = {
+                m: x if present[i] else _zeros_like(x) for i, (m, x) in enumerate(sample["inputs"].items())
+            }
+            sample["present"] = present
+        return sample
+
+
+def _zeros_like(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _zeros_like(v) for k, v in x.items()}
+    return torch.zeros_like(torch.as_tensor(x))
+
+
+class MultimodalDataModule(pl.LightningDataModule):
+    """Base of every datamodule: subclasses set ``modalities`` and ``num_classes`` and build the three splits.
+
+    A subclass implements :meth:`build_datasets`, returning ``{"train", "val", "test"}`` datasets whose items are
+    ``{"inputs": {modality: tensor}, "label": int}`` with inputs in ``modalities`` order. The base adds ``index``
+    and the optional missing-modality mask, and builds the loaders (training shuffled from the global seed, so a
+    resumed run continues the same order; evaluation in order, nothing dropped).
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        seed: seed of the split and of the missing mask.
+        missing_rate: fraction of (sample, modality) slots dropped in every split (0 = none).
+        pin_memory: pin host memory for GPU runs.
+    """
+
+    modalities: list[str]
+    num_classes: int
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        missing_rate: float = 0.0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.missing_rate = missing_rate
+        self.pin_memory = pin_memory
+        self.datasets: dict[str, IndexedDataset] = {}
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        """Returns the raw ``train``/``val``/``test`` datasets (items without ``index``)."""
+        raise NotImplementedError
+
+    @property
+    def encoder_kwargs(self) -> dict[str, dict[str, Any]]:
+        """Modality -> encoder arguments only known from the data (e.g. a vocabulary size); run.py fills them in."""
+        return {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        raw = self.build_datasets()
+        for offset, split in enumerate(SPLITS):
+            keep = None
+            if self.missing_rate > 0:
+                keep = missing_mask(len(raw[split]), len(self.modalities), self.missing_rate, self.seed + offset)
+            self.datasets[split] = IndexedDataset(raw[split], list(self.modalities), keep)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

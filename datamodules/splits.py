@@ -1,0 +1,50 @@
+"""Deterministic, stratified train/val/test splits (optionally keeping groups of samples together)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def stratified_split(
+    labels: Sequence[int],
+    fractions: Mapping[str, float],
+    seed: int,
+    groups: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Splits sample indices into named parts with the same class proportions in each.
+
+    Args:
+        labels: the label of every sample.
+        fractions: part name -> fraction of the samples (or groups); they must sum to 1. Parts are filled in the
+            given order and the last part takes the rounding remainder.
+        seed: seed of the shuffle; the same seed gives the same split.
+        groups: optional group id of every sample (e.g. the image several utterances were paired with); a group
+            never straddles two parts. Every sample of a group must have the same label.
+
+    Returns:
+        Part name -> sorted sample indices.
+    """
+    labels = np.asarray(labels)
+    total = sum(fractions.values())
+    if not np.isclose(total, 1.0) or any(f < 0 for f in fractions.values()):
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    group_ids = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    unique_groups, first = np.unique(group_ids, return_index=True)
+    group_labels = labels[first]
+    if groups is not None:
+        mixed = [g for g, y in zip(unique_groups, group_labels) if np.any(labels[group_ids == g] != y)]
+        if mixed:
+            raise ValueError(f"groups {mixed[:5]} hold samples of different labels")
+
+    rng = np.random.default_rng(seed)
+    names = list(fractions)
+    chosen: dict[str, list[int]] = {name: [] for name in names}
+    for label in np.unique(group_labels):
+        members = rng.permutation(unique_groups[group_labels == label])
+        bounds = np.round(np.cumsum([fractions[n] for n in names]) * len(members)).astype(int)
+        bounds[-1] = len(members)
+        for name, start, stop in zip(names, np.r_[0, bounds[:-1]], bounds):
+            chosen[name].extend(members[start:stop].tolist())
+    return {name: np.flatnonzero(np.isin(group_ids, chosen[name])) for name in names}

@@ -1,0 +1,17 @@
+"""Entry point: ``python train.py [group=option ...] [key=value ...]`` (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from balance.run import train
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    results = train(cfg)
+    # The returned value lets Hydra sweepers (e.g. Optuna) optimise validation accuracy.
+    return results["val"].get("acc", 0.0)
+
+
+if __name__ == "__main__":
+    main()
