@@ -15,6 +15,23 @@ from datamodules.missing import missing_mask
 SPLITS = ("train", "val", "test")
 
 
+class InMemoryDataset(Dataset):
+    """Per-modality input tensors (first axis = sample) and labels held in memory."""
+
+    def __init__(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+        lengths = {m: len(x) for m, x in inputs.items()}
+        if any(n != len(labels) for n in lengths.values()):
+            raise ValueError(f"inputs have lengths {lengths} but there are {len(labels)} labels")
+        self.inputs = dict(inputs)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"inputs": {m: x[index] for m, x in self.inputs.items()}, "label": int(self.labels[index])}
+
+
 class IndexedDataset(Dataset):
     """Adds ``index`` (the position in its split) and, when a missing mask is given, ``present`` to each sample.
 

@@ -35,7 +35,9 @@ _espeakPITCH = 3
 _EE_OK = 0
 
 # int SynthCallback(short *wav, int numsamples, espeak_EVENT *events); the events are not needed here.
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 # Variant files left out of available_voices: "fast" only tunes speeds above MAX_RATE, so it sounds like its
 # base voice.
@@ -125,7 +127,10 @@ def _language_voices() -> dict[str, bool]:
             languages = [field[1] for field in fields if len(field) > 1 and field[0] == "language"]
             dictionaries = [field[1] for field in fields if len(field) > 1 and field[0] == "dictionary"]
             # eSpeak NG's rule: the "dictionary" entry, else the first language's code up to its first "-".
-            dictionary = dictionaries[0] if dictionaries else (languages[0].split("-")[0] if languages else name)
+            if dictionaries:
+                dictionary = dictionaries[0]
+            else:
+                dictionary = languages[0].split("-")[0] if languages else name
             # eSpeak NG matches a voice name against the voice file's name, case-insensitively.
             voices[name.lower()] = os.path.isfile(os.path.join(data, f"{dictionary}_dict"))
     return voices
@@ -134,8 +139,10 @@ def _language_voices() -> dict[str, bool]:
 def available_voices(language_prefix: str = "en") -> list[str]:
     """Lists the voice names that ``synthesize`` accepts for a language, from the bundled voice data.
 
-    Each language voice whose pronunciation dictionary is bundled (e.g. ``"en"``, ``"en-us"``, ``"en-gb-scotland"``) is listed on its own and combined
-    with every voice variant as ``"<voice>+<variant>"`` (e.g. ``"en+f3"``, ``"en-us+klatt"``).
+    Each language voice whose pronunciation dictionary is bundled (e.g. ``"en"``, ``"en-us"``,
+    ``"en-gb-scotland"``) is listed on its own and combined with every voice variant as
+    ``"<voice>+<variant>"`` (e.g. ``"en+f3"``, ``"en-us+klatt"``, ``"en+Alex"``; variant names are
+    case-sensitive).
 
     Args:
         language_prefix: keep the language voices whose name starts with this (case-insensitive);

@@ -8,22 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import MultimodalDataModule
+from datamodules.base import InMemoryDataset, MultimodalDataModule
 from datamodules.splits import stratified_split
-
-
-class FeatureDataset(Dataset):
-    """In-memory per-modality feature tensors and labels."""
-
-    def __init__(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        self.features = features
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"inputs": {m: x[index] for m, x in self.features.items()}, "label": int(self.labels[index])}
 
 
 class SyntheticDataModule(MultimodalDataModule):
@@ -76,6 +62,6 @@ class SyntheticDataModule(MultimodalDataModule):
         parts = stratified_split(labels, self.fractions, self.seed)
         labels_t = torch.from_numpy(labels)
         return {
-            split: FeatureDataset({m: x[idx] for m, x in features.items()}, labels_t[idx])
+            split: InMemoryDataset({m: x[idx] for m, x in features.items()}, labels_t[idx])
             for split, idx in parts.items()
         }
