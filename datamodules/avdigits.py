@@ -259,6 +259,7 @@ class AVDigitsDataModule(MultimodalDataModule):
             raise ValueError(f"{self.root}/utterances.csv does not match scikit-learn's digits: re-prepare it")
 
         parts = stratified_split(labels, self.fractions, self.seed, groups=image_of)
+        self.split_images = {split: image_of[idx] for split, idx in parts.items()}
         visual = self._corrupt(images[image_of]).unsqueeze(1)
         train = parts["train"]
         # Standardise with training statistics only.
