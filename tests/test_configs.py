@@ -93,3 +93,10 @@ def test_logger_and_callback_configs_instantiate(group, tmp_path, monkeypatch):
 def test_experiment_config_composes(name):
     cfg = compose_train([f"experiment={name}"])
     assert OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "late_fusion"])
+def test_fusion_method_aliases_set_the_fusion(fusion):
+    cfg = compose_train([f"method={fusion}"])
+    assert cfg.method._target_ == "balance.methods.JointTraining"
+    assert cfg.model.fusion == compose_train([f"model/fusion={fusion}"]).model.fusion
