@@ -5,14 +5,44 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import os
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from datamodules.missing import missing_mask
 
 SPLITS = ("train", "val", "test")
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank`` on, without the padding of ``DistributedSampler``, so that
+    distributed evaluation sees every sample exactly once (torchmetrics then sums exact counts over ranks)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _distributed_sampler(dataset: Dataset, shuffle: bool) -> Sampler[int]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not shuffle:
+        return ShardSampler(dataset, rank, world)
+    # Lightning calls set_epoch on it every epoch; the seed is the run's (seed_everything exports it).
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
 
 class InMemoryDataset(Dataset):
@@ -70,7 +100,9 @@ class MultimodalDataModule(pl.LightningDataModule):
     A subclass implements :meth:`build_datasets`, returning ``{"train", "val", "test"}`` datasets whose items are
     ``{"inputs": {modality: tensor}, "label": int}`` with inputs in ``modalities`` order. The base adds ``index``
     and the optional missing-modality mask, and builds the loaders (training shuffled from the global seed, so a
-    resumed run continues the same order; evaluation in order, nothing dropped).
+    resumed run continues the same order; evaluation in order, nothing dropped). Under DDP the loaders shard
+    themselves: training through ``DistributedSampler``, evaluation through :class:`ShardSampler`, which never
+    pads, so the trainer's ``use_distributed_sampler`` is off in the presets.
 
     Args:
         batch_size: training batch size.
@@ -123,10 +155,13 @@ class MultimodalDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
+        dataset = self.datasets[split]
+        sampler = _distributed_sampler(dataset, shuffle) if _world_size() > 1 else None
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

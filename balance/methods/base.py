@@ -76,7 +76,7 @@ class MultimodalMethod(pl.LightningModule):
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc",
                      batch_size=batch_size)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
-                 batch_size=batch_size)
+                 batch_size=batch_size, sync_dist=True)
 
     def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
         features = self.model.encode(batch["inputs"])
