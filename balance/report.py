@@ -10,8 +10,11 @@ from rich.table import Table
 
 
 def format_results(results: dict[str, Any], modalities: list[str]) -> str:
-    """A table with one row per split: fused accuracy, each modality's accuracy, macro-F1, loss."""
+    """A table with one row per split: fused accuracy, each modality's accuracy, macro-F1, loss, then any other
+    metric the method reports."""
     columns = ["acc", *[f"acc_{m}" for m in modalities], "f1", "loss"]
+    # Method-specific figures (e.g. MLA's fusion weights) follow the common ones.
+    columns += sorted({k for split in ("val", "test") for k in results.get(split, {})} - set(columns))
     epoch = results.get("best_epoch")
     title = f"{results.get('selection', '')}" + (f" (epoch {epoch})" if epoch is not None else "")
     table = Table(title=title)

@@ -93,10 +93,12 @@ def test_other_preparation_arguments_are_refused(datamodule):
         AVDigitsDataModule(root=str(datamodule.root), utterances_per_image=2).prepare_data()
 
 
-def test_train_runs_on_avdigits(cache_env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["joint", "mla"])
+def test_train_runs_on_avdigits(cache_env, tmp_path, monkeypatch, method):
     monkeypatch.setenv("BALANCE_CACHE", str(cache_env))
     cfg = compose_train(
-        ["data.utterances_per_image=1", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
+        [f"method={method}", "data.utterances_per_image=1", "trainer.max_epochs=2",
+         "trainer.enable_progress_bar=false"],
         run_dir=tmp_path,
     )
     results = train(cfg)

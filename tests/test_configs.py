@@ -14,8 +14,9 @@ from compose import CONF_DIR, compose_train
 MODEL_DATA = {"mlp": "synthetic", "easy_vqa": "easy_vqa"}
 
 
-def _configs(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def _configs(group: str, nested: bool = False) -> list[str]:
+    files = (CONF_DIR / group).rglob("*.yaml") if nested else (CONF_DIR / group).glob("*.yaml")
+    return sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in files)
 
 
 def _all_yaml() -> list[str]:
@@ -24,8 +25,9 @@ def _all_yaml() -> list[str]:
 
 def test_every_yaml_is_covered():
     covered = {"train.yaml"}
-    for group in ("data", "model", "model/fusion", "method", "trainer", "logger", "callbacks", "experiment"):
+    for group in ("data", "model", "model/fusion", "method", "trainer", "logger", "callbacks"):
         covered |= {f"{group}/{name}.yaml" for name in _configs(group)}
+    covered |= {f"experiment/{name}.yaml" for name in _configs("experiment", nested=True)}
     assert set(_all_yaml()) <= covered, set(_all_yaml()) - covered
 
 
@@ -89,10 +91,17 @@ def test_logger_and_callback_configs_instantiate(group, tmp_path, monkeypatch):
         assert objects and all(obj is not None for obj in objects)
 
 
-@pytest.mark.parametrize("name", _configs("experiment"))
-def test_experiment_config_composes(name):
-    cfg = compose_train([f"experiment={name}"])
-    assert OmegaConf.to_container(cfg, resolve=False)
+@pytest.mark.parametrize("name", _configs("experiment", nested=True))
+def test_experiment_config_instantiates(name, tmp_path):
+    """Composes, names its command in its first line, and builds its data (constructor), model and method."""
+    text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
+    header = text.split("\n\n")[0]
+    assert f"# python train.py experiment={name}\n" in header, "an experiment starts with its command"
+    cfg = compose_train([f"experiment={name}"], run_dir=tmp_path)
+    model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
+    method = instantiate(cfg.method, model=model)
+    assert method.configure_optimizers() is not None
+    assert OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "sum", "late_fusion"])

@@ -2,5 +2,6 @@
 
 from balance.methods.base import MultimodalMethod
 from balance.methods.joint import JointTraining
+from balance.methods.mla import MLA
 
-__all__ = ["JointTraining", "MultimodalMethod"]
+__all__ = ["MLA", "JointTraining", "MultimodalMethod"]
