@@ -287,9 +287,9 @@ class AVDigitsDataModule(MultimodalDataModule):
         return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m datamodules.avdigits --out DIR``: prepare the AV-Digits cache."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def prepare_main(argv: Sequence[str] | None = None) -> None:
+    """``balance-prepare avdigits --out DIR`` (or ``python -m datamodules.avdigits --out DIR``): prepare the cache."""
+    parser = argparse.ArgumentParser(prog="balance-prepare avdigits", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="cache directory to write")
     parser.add_argument("--utterances-per-image", type=int, default=3)
     parser.add_argument("--snr-db", type=float, nargs=2, default=(-3.0, 12.0))
@@ -301,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    prepare_main()

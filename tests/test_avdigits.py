@@ -104,3 +104,12 @@ def test_train_runs_on_avdigits(cache_env, tmp_path, monkeypatch, method):
     results = train(cfg)
     assert {"acc", "acc_audio", "acc_visual", "f1"} <= set(results["test"])
     assert results["test"]["acc"] > 0.2  # 2 epochs on 1,257 training pairs: above chance (0.1)
+
+
+def test_balance_prepare_lists_and_refuses(capsys):
+    from datamodules.prepare import main, preparable_datasets
+
+    assert "avdigits" in preparable_datasets()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no_such_data"])
+    assert exit_info.value.code == 2 and "avdigits" in capsys.readouterr().err
