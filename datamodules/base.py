@@ -94,6 +94,37 @@ def _zeros_like(x: Any) -> Any:
     return torch.zeros_like(torch.as_tensor(x))
 
 
+class PlannedDataset(Dataset):
+    """A training plan over a split: item i is sample ``indices[i]`` with only the modalities ``keep[i]``.
+
+    ``index`` stays the sample's position in its split, so per-sample bookkeeping sees copies as their sample.
+    ``present`` (combined with any missing-modality mask) tells the model which features to zero; with
+    ``zero_inputs`` the dropped modalities' inputs are zeroed too.
+    """
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor, keep: torch.Tensor, zero_inputs: bool = False
+                 ) -> None:
+        if len(indices) != len(keep):
+            raise ValueError(f"a plan needs one keep row per index, got {len(indices)} and {len(keep)}")
+        self.dataset = dataset
+        self.indices = indices
+        self.keep = keep
+        self.zero_inputs = zero_inputs
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = dict(self.dataset[int(self.indices[i])])
+        keep = self.keep[i]
+        if "present" in sample:
+            keep = keep & sample["present"]
+        if self.zero_inputs:
+            sample["inputs"] = {m: x if keep[j] else _zeros_like(x) for j, (m, x) in enumerate(sample["inputs"].items())}
+        sample["present"] = keep
+        return sample
+
+
 class MultimodalDataModule(pl.LightningDataModule):
     """Base of every datamodule: subclasses set ``modalities`` and ``num_classes`` and build the three splits.
 
@@ -133,6 +164,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         self.missing_rate = missing_rate
         self.pin_memory = pin_memory
         self.datasets: dict[str, IndexedDataset] = {}
+        self.train_plan: PlannedDataset | None = None
 
     def build_datasets(self) -> dict[str, Dataset]:
         """Returns the raw ``train``/``val``/``test`` datasets (items without ``index``)."""
@@ -153,13 +185,22 @@ class MultimodalDataModule(pl.LightningDataModule):
                 keep = missing_mask(len(raw[split]), len(self.modalities), self.missing_rate, self.seed + offset)
             self.datasets[split] = IndexedDataset(raw[split], list(self.modalities), keep)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def set_train_plan(self, indices: torch.Tensor | None, keep: torch.Tensor | None = None,
+                       zero_inputs: bool = False) -> None:
+        """Trains on a plan (see :class:`PlannedDataset`) from the next training loader on; ``None`` resets.
+
+        Methods that resample set it between epochs, with the trainer reloading the training loader every
+        epoch (``trainer.reload_dataloaders_every_n_epochs=1``, set by their configs).
+        """
         self.setup()
-        dataset = self.datasets[split]
+        self.train_plan = None if indices is None else PlannedDataset(self.datasets["train"], indices, keep,
+                                                                      zero_inputs)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = _distributed_sampler(dataset, shuffle) if _world_size() > 1 else None
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -168,10 +209,23 @@ class MultimodalDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        self.setup()
+        return self._loader(self.train_plan or self.datasets["train"], self.batch_size, shuffle=True)
+
+    def evaluation_view(self, split: str) -> Dataset:
+        """The split as evaluation sees it; a datamodule whose training items are augmented returns an
+        unaugmented view of ``train`` here."""
+        return self.datasets[split]
+
+    def unshuffled_train_dataloader(self) -> DataLoader:
+        """The training split in order, every sample once, no plan, evaluation transforms (e.g. to value it)."""
+        self.setup()
+        return self._loader(self.evaluation_view("train"), self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        self.setup()
+        return self._loader(self.evaluation_view("val"), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        self.setup()
+        return self._loader(self.evaluation_view("test"), self.eval_batch_size, shuffle=False)
