@@ -48,7 +48,8 @@ def test_modality_level_count_follows_formula(variant):
 
 def test_modality_level_three_modalities_compare_with_strongest():
     extra = modality_level_extra(torch.tensor([1.0, 0.7, 0.4], dtype=torch.float64), 300)
-    assert extra.tolist() == [0, int(0.3 / 3 * 2 * 300), int(0.6 / 3 * 2 * 300)]
+    gaps = [1.0 - 1.0, 1.0 - 0.7, 1.0 - 0.4]
+    assert extra.tolist() == [int(abs(g - gaps[0]) / 3 * 2 * 1.0 * 300) for g in gaps]
 
 
 def test_mean_contribution_estimate_and_extra_plan():
