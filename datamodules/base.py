@@ -217,10 +217,12 @@ class MultimodalDataModule(pl.LightningDataModule):
         unaugmented view of ``train`` here."""
         return self.datasets[split]
 
-    def unshuffled_train_dataloader(self) -> DataLoader:
-        """The training split in order, every sample once, no plan, evaluation transforms (e.g. to value it)."""
+    def unshuffled_train_dataloader(self, augment: bool = False) -> DataLoader:
+        """The training split in order, every sample once, no plan (e.g. to value it); with evaluation
+        transforms unless ``augment``."""
         self.setup()
-        return self._loader(self.evaluation_view("train"), self.eval_batch_size, shuffle=False)
+        dataset = self.datasets["train"] if augment else self.evaluation_view("train")
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

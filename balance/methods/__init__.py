@@ -3,5 +3,13 @@
 from balance.methods.base import MultimodalMethod
 from balance.methods.joint import JointTraining
 from balance.methods.mla import MLA
+from balance.methods.resampling import ModalityLevelResampling, SampleLevelResampling, ShapleyResampling
 
-__all__ = ["MLA", "JointTraining", "MultimodalMethod"]
+__all__ = [
+    "MLA",
+    "JointTraining",
+    "ModalityLevelResampling",
+    "MultimodalMethod",
+    "SampleLevelResampling",
+    "ShapleyResampling",
+]

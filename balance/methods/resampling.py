@@ -1,0 +1,223 @@
+"""Shapley-valued resampling (Wei et al., CVPR 2024): joint training that, after a warm-up, retrains samples
+(sample level) or a share of the data (modality level) keeping only the modality that contributes too little.
+
+Every epoch from ``warmup_epochs - 1`` on, the training split is valued (exact modality Shapley values per sample,
+:mod:`balance.valuation`) and the next epoch trains on a plan: every sample once, plus copies that keep one
+modality (its features zeroed for the others, as the official code; inputs with ``drop: inputs``). The trainer
+reloads the training loader every epoch (the method configs set ``reload_dataloaders_every_n_epochs: 1``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from balance.gather import gather_table, last_per_index
+from balance.methods.joint import JointTraining
+from balance.resampling import (
+    OFFICIAL_THRESHOLDS,
+    estimate_mean_contribution,
+    modality_level_extra,
+    plan_from_copies,
+    plan_from_extra,
+    plan_summary,
+    sample_level_copies,
+)
+from balance.valuation import ValuationTable, shapley_values, subset_values, value_dataloader
+
+VALUATIONS = ("pass", "online")
+
+
+class ShapleyResampling(JointTraining):
+    """Shared machinery of the two resampling methods: valuation, gathering across ranks, the plan's life cycle
+    (built at epoch end, handed to the datamodule, saved in and restored from checkpoints).
+
+    Args:
+        warmup_epochs: epochs of plain joint training; the first plan is built after epoch ``warmup_epochs - 1``.
+        valuation: ``pass`` (the paper: eval mode, no grad, the whole training split after each epoch) or
+            ``online`` (each training step's features are valued on the spot through the fusion head, so no extra
+            encoder pass; values then come from the weights during the epoch, in train mode).
+        benefit: ``official`` (``|S| * correct``), ``correct`` or ``true_prob``.
+        drop: ``features`` (zero dropped modalities' encoder features: official code) or ``inputs`` (zero their
+            inputs: the paper's wording).
+        valuation_transforms: ``eval`` (default: value unaugmented items) or ``train`` (the official code values
+            with the training transforms).
+        **kwargs: :class:`~balance.methods.JointTraining` arguments.
+    """
+
+    def __init__(
+        self,
+        warmup_epochs: int = 5,
+        valuation: str = "pass",
+        benefit: str = "official",
+        drop: str = "features",
+        valuation_transforms: str = "eval",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if valuation not in VALUATIONS:
+            raise ValueError(f"valuation must be one of {VALUATIONS}, got {valuation!r}")
+        if valuation_transforms not in ("eval", "train"):
+            raise ValueError(f"valuation_transforms must be 'eval' or 'train', got {valuation_transforms!r}")
+        if valuation == "online" and drop != "features":
+            raise ValueError("online valuation reuses encoder features, so it needs drop: features")
+        self.warmup_epochs = warmup_epochs
+        self.valuation = valuation
+        self.benefit = benefit
+        self.drop = drop
+        self.valuation_transforms = valuation_transforms
+        # A modality doing all it can is worth 1 under the official benefit and 1/M under the others.
+        self.contribution_scale = 1.0 if benefit == "official" else 1.0 / len(self.modalities)
+        self.plan: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.table: ValuationTable | None = None
+        self._online: dict[str, list[torch.Tensor]] = {}
+
+    # -- valuation ---------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        labels = batch["label"]
+        present = batch.get("present")
+        features = self.model.encode(batch["inputs"])
+        logits = self.model.fuse(features, keep=present)
+        unimodal = self.model.unimodal_logits(features)
+        loss = F.cross_entropy(logits, labels)
+        if self.unimodal_loss_weight:
+            loss = loss + self.unimodal_loss_weight * sum(F.cross_entropy(u, labels) for u in unimodal.values())
+        if self.valuation == "online" and self._valuing_this_epoch():
+            self._value_online(features, logits.detach(), batch)
+        self.log_metrics("train", logits.detach(), {m: u.detach() for m, u in unimodal.items()}, labels,
+                         loss.detach())
+        return loss
+
+    def _valuing_this_epoch(self) -> bool:
+        return self.current_epoch >= self.warmup_epochs - 1
+
+    def _value_online(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor,
+                      batch: Mapping[str, Any]) -> None:
+        present = batch.get("present")
+        # Only rows with every modality are the samples themselves; planned copies are not valued.
+        rows = present.all(dim=1) if present is not None else torch.ones_like(batch["label"], dtype=torch.bool)
+        detached = {m: f.detach()[rows] for m, f in features.items()}
+        labels = batch["label"][rows]
+        values = subset_values(self.model, detached, labels, self.benefit)
+        self._online.setdefault("index", []).append(batch["index"][rows].cpu())
+        self._online.setdefault("label", []).append(labels.cpu())
+        self._online.setdefault("correct", []).append((logits[rows].argmax(dim=1) == labels).cpu())
+        self._online.setdefault("phi", []).append(shapley_values(values).cpu())
+
+    def on_train_epoch_start(self) -> None:
+        self._online = {}
+
+    def _value_training_split(self) -> ValuationTable:
+        if self.valuation == "online":
+            if not self._online:
+                raise RuntimeError("online valuation saw no training sample this epoch")
+            parts = {k: torch.cat(v) for k, v in self._online.items()}
+            order = torch.argsort(parts["index"], stable=True)
+            local = ValuationTable(parts["index"][order], parts["label"][order], parts["correct"][order],
+                                   parts["phi"][order], list(self.modalities))
+        else:
+            datamodule = self.trainer.datamodule
+            loader = datamodule.unshuffled_train_dataloader(augment=self.valuation_transforms == "train")
+            local = value_dataloader(self.model, loader, benefit=self.benefit, drop=self.drop, device=self.device)
+        return last_per_index(gather_table(self, local))
+
+    # -- the plan ------------------------------------------------------------------------------------------------
+
+    def build_plan(self, table: ValuationTable, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, keep)`` for the next epoch from this epoch's valuation."""
+        raise NotImplementedError
+
+    def _plan_generator(self) -> torch.Generator:
+        # Seeded by the run's seed and the epoch: every rank draws the same plan, a resumed run the same one.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return torch.Generator().manual_seed(seed * 100_003 + self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        if not self._valuing_this_epoch():
+            return
+        self.table = self._value_training_split()
+        num_samples = len(self.trainer.datamodule.datasets["train"])
+        if len(self.table) != num_samples or not torch.equal(self.table.index, torch.arange(num_samples)):
+            raise RuntimeError(f"valuation covered {len(self.table)} of {num_samples} training samples")
+        self.plan = self.build_plan(self.table, self._plan_generator())
+        self._apply_plan()
+        for m, value in self.table.mean().items():
+            self.log(f"train/phi_{m}", value, on_epoch=True, on_step=False)
+        for name, value in plan_summary(self.plan[1], self.modalities, num_samples).items():
+            self.log(f"train/{name}", value, on_epoch=True, on_step=False)
+
+    def _apply_plan(self) -> None:
+        indices, keep = self.plan
+        self.trainer.datamodule.set_train_plan(indices, keep, zero_inputs=self.drop == "inputs")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.plan is not None:
+            checkpoint["resampling_plan"] = {"indices": self.plan[0], "keep": self.plan[1]}
+        if self.table is not None:
+            t = self.table
+            checkpoint["valuation_table"] = {"index": t.index, "label": t.label, "correct": t.correct, "phi": t.phi}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        plan = checkpoint.get("resampling_plan")
+        if plan is not None:
+            self.plan = (plan["indices"], plan["keep"])
+            if self._trainer is not None and self.trainer.datamodule is not None:
+                self._apply_plan()
+        table = checkpoint.get("valuation_table")
+        if table is not None:
+            self.table = ValuationTable(table["index"], table["label"], table["correct"], table["phi"],
+                                        list(self.modalities))
+
+
+class SampleLevelResampling(ShapleyResampling):
+    """Sample-level modality valuation: per sample and modality, 0-3 extra copies keeping only that modality,
+    the lower its contribution the more copies.
+
+    Args:
+        thresholds: ascending ``(t1, t2, t3)`` in units of a fully contributing modality: ``phi <= t1`` -> 3
+            copies, ``<= t2`` -> 2, ``< t3`` -> 1, else 0 (official: -0.1, 0.4, 1). Multiplied by 1 for the
+            official benefit and by 1/M for ``correct`` and ``true_prob``, whose values sum to at most 1.
+        **kwargs: :class:`ShapleyResampling` arguments.
+    """
+
+    def __init__(self, thresholds: Sequence[float] = OFFICIAL_THRESHOLDS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.thresholds = tuple(thresholds)
+
+    def build_plan(self, table: ValuationTable, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return plan_from_copies(sample_level_copies(table.phi, self.thresholds, self.contribution_scale))
+
+
+class ModalityLevelResampling(ShapleyResampling):
+    """Modality-level valuation: mean contributions on a random part of the training split decide how many
+    uniformly drawn samples are retrained keeping only the weaker modality.
+
+    For M = 2 the official rule: ``n = int(f(|gap_a - gap_v| * 2/3) * N)`` with ``gap_m = 1 - mean phi_m``. For
+    M > 2 each modality is compared with the strongest one (see :func:`balance.resampling.modality_level_extra`).
+
+    Args:
+        ratio: share of the training split drawn (with replacement) to estimate the means (official 0.2).
+        alpha: strength (official 1).
+        variant: ``linear`` (official default), ``tanh`` or ``power`` (the official ``square``: exponent 1.5).
+        **kwargs: :class:`ShapleyResampling` arguments.
+    """
+
+    def __init__(self, ratio: float = 0.2, alpha: float = 1.0, variant: str = "linear", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        self.ratio = ratio
+        self.alpha = alpha
+        self.variant = variant
+
+    def build_plan(self, table: ValuationTable, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = estimate_mean_contribution(table.phi.double(), self.ratio, generator)
+        extra = modality_level_extra(mean, len(table), self.alpha, self.variant, self.contribution_scale)
+        return plan_from_extra(extra, len(table), generator)
