@@ -102,7 +102,7 @@ class EasyVQADataModule(MultimodalDataModule):
         root: a directory in the package's layout (default: the installed ``easy-vqa`` package's data).
         val_fraction: fraction of the training images (with all their questions) moved to validation; the
             images are chosen by a permutation seeded with ``seed``.
-        max_length: question length in tokens (longer questions are truncated; the longest has 11 tokens).
+        max_length: question length in tokens (longer questions are truncated; the longest has 10 tokens).
         min_count: training-word count below which a word maps to unknown.
         **kwargs: the base datamodule's arguments (batch_size, seed, missing_rate, ...).
     """
@@ -136,7 +136,8 @@ class EasyVQADataModule(MultimodalDataModule):
 
     def _check_root(self) -> Path:
         root = self.root or default_root()
-        needed = [root / "answers.txt"] + [root / s / p for s in ("train", "test") for p in ("questions.json", "images")]
+        needed = [root / "answers.txt"]
+        needed += [root / part / name for part in ("train", "test") for name in ("questions.json", "images")]
         missing = [str(p) for p in needed if not p.exists()]
         if missing:
             raise FileNotFoundError(

@@ -1,0 +1,538 @@
+"""CREMA-D: 7,442 clips of 91 actors speaking with one of 6 emotions, audio + video (Cao et al., 2014).
+
+Preparation (once): ``balance-prepare crema_d --raw RAW --out OUT`` turns a clone of
+https://github.com/CheyneyComputerScience/CREMA-D (media in Git LFS) into a cache laid out as ``CACHE_LAYOUT``:
+the log-magnitude spectrogram of every clip computed as OGM-GE does (audio at 22,050 Hz tiled to 3 s, clipped to
+[-1, 1], STFT n_fft 512, hop 353, ``log(|S| + 1e-7)``: 257 x 188) and its frames at 1 fps as JPEG. Training then
+reads a small ``.npy`` and one or a few JPEGs per item: no audio decoding or STFT per epoch.
+
+The label is the third field of the clip id (``1001_DFA_ANG_XX`` -> ANG), in OGM-GE's class order
+NEU, HAP, SAD, FEA, DIS, ANG. Splits: seeded stratified train/val/test (default), actor-disjoint
+(speaker-independent), MLA's pooled random split, or user-supplied split files in OGM-GE's (``train.csv``) or
+MLA's (``my_train_cre.txt``) format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.base import IndexedDataset, MultimodalDataModule
+from datamodules.media import MediaError
+from datamodules.preparation import (
+    PrepareReport,
+    add_common_arguments,
+    atomic_output,
+    atomic_write_text,
+    finish,
+    remove_stale_temporaries,
+    run_items,
+)
+from datamodules.splits import stratified_split
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE's class indices
+CLASS_WORDS = {"Neutral": "NEU", "Happy": "HAP", "Sad": "SAD", "Fear": "FEA", "Disgust": "DIS", "Anger": "ANG"}
+CLIP_ID = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{1,2})$")  # actor_sentence_emotion_level
+SAMPLE_RATE = 22050
+SECONDS = 3
+N_FFT = 512
+HOP_LENGTH = 353
+SPECTROGRAM_SHAPE = (N_FFT // 2 + 1, SAMPLE_RATE * SECONDS // HOP_LENGTH + 1)  # (257, 188)
+CACHE_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCE = ("https://github.com/CheyneyComputerScience/CREMA-D (the media are stored with Git LFS: "
+          "`git lfs install && git clone https://github.com/CheyneyComputerScience/CREMA-D.git`)")
+COMMAND = "balance-prepare crema_d --raw RAW --out OUT"
+RAW_LAYOUT = """\
+RAW/                       a clone of the CREMA-D repository with its Git LFS files pulled
+  AudioWAV/<clip>.wav      e.g. AudioWAV/1001_DFA_ANG_XX.wav
+  VideoFlash/<clip>.flv    e.g. VideoFlash/1001_DFA_ANG_XX.flv"""
+CACHE_LAYOUT = """\
+OUT/
+  meta.json                 preparation parameters and counts (written last: marks a complete cache)
+  clips.csv                 clip,actor,label,frames: one row per usable clip
+  audio/<clip>.npy          float16 [257, 188] log-magnitude spectrogram
+  visual/<clip>/00000.jpg   frames at 1 fps (00000.jpg = second 0, 00001.jpg = second 1, ...)
+  prepare_report.txt        what the last preparation did, every failed clip with its reason"""
+SPLITS_HELP = "stratified (default), actor (speaker-independent), random (MLA's pooled), files"
+
+
+def parse_clip(clip: str) -> tuple[int, str]:
+    """``"1001_DFA_ANG_XX"`` -> ``(1001, "ANG")``; raises ``ValueError`` on anything else."""
+    match = CLIP_ID.match(clip)
+    if match is None or match.group(3) not in CLASSES:
+        raise ValueError(f"{clip!r} is not a CREMA-D clip id (<actor>_<sentence>_<emotion>_<level>, "
+                         f"emotion one of {', '.join(CLASSES)})")
+    return int(match.group(1)), match.group(3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparation
+
+
+def log_spectrogram(wave: np.ndarray) -> np.ndarray:
+    """OGM-GE's audio input from a 22,050 Hz mono waveform: ``float32 [257, 188]``.
+
+    Tiled to 3 s (OGM-GE tiles three times, enough for every CREMA-D clip; shorter clips are tiled further so the
+    shape never changes), clipped to [-1, 1], STFT with n_fft 512, hop 353, a periodic Hann window, centred with
+    reflect padding (``librosa.stft``'s defaults before librosa 0.10, OGM-GE's environment), ``log(|S| + 1e-7)``.
+    """
+    length = SAMPLE_RATE * SECONDS
+    if len(wave) == 0:
+        raise ValueError("empty waveform")
+    tiled = np.tile(wave, max(3, math.ceil(length / len(wave))))[:length]
+    tiled = np.clip(tiled, -1.0, 1.0).astype(np.float32)
+    spectrum = torch.stft(
+        torch.from_numpy(tiled), n_fft=N_FFT, hop_length=HOP_LENGTH, window=torch.hann_window(N_FFT),
+        center=True, pad_mode="reflect", return_complex=True,
+    )
+    return torch.log(spectrum.abs() + 1e-7).numpy()
+
+
+def _short(error: Exception, raw: Path) -> str:
+    return str(error).replace(f"{raw}/", "")
+
+
+def _prepare_clip(clip: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
+    """Writes ``audio/<clip>.npy`` and ``visual/<clip>/`` (whichever is missing); raises naming what failed."""
+    from datamodules.media import extract_frames, read_audio, save_frames
+
+    raw_path, out_path = Path(raw), Path(out)
+    problems = []
+    audio_out = out_path / "audio" / f"{clip}.npy"
+    if not audio_out.exists():
+        try:
+            wave, _ = read_audio(raw_path / "AudioWAV" / f"{clip}.wav", SAMPLE_RATE)
+            spectrogram = log_spectrogram(wave).astype(np.float16)
+            with atomic_output(audio_out) as temp:
+                np.save(temp, spectrogram)
+        except MediaError as error:
+            problems.append(f"audio: {_short(error, raw_path)}")
+    frames_out = out_path / "visual" / clip
+    if not frames_out.is_dir():
+        try:
+            images = extract_frames(raw_path / "VideoFlash" / f"{clip}.flv", fps=fps, short_side=short_side)
+            with atomic_output(frames_out, directory=True) as temp:
+                save_frames(images, temp, quality=quality)
+        except MediaError as error:
+            problems.append(f"video: {_short(error, raw_path)}")
+    if problems:
+        raise ClipError("; ".join(problems))
+
+
+class ClipError(MediaError):
+    """One clip's audio and/or video could not be prepared (reported with its message only)."""
+
+
+def _is_done(clip: str, out: Path) -> bool:
+    return (out / "audio" / f"{clip}.npy").is_file() and (out / "visual" / clip).is_dir()
+
+
+def _raw_error(raw: Path, problem: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"CREMA-D raw download: {problem}. Expected layout:\n{RAW_LAYOUT}\n"
+        f"Obtain the data set from {SOURCE}; nothing is downloaded automatically."
+    )
+
+
+def prepare(
+    raw: str | Path,
+    out: str | Path,
+    workers: int | None = None,
+    fps: float = 1.0,
+    short_side: int = 224,
+    quality: int = 95,
+) -> PrepareReport:
+    """Prepares the cache (``CACHE_LAYOUT``) from the raw download (``RAW_LAYOUT``); resumable.
+
+    Clips whose spectrogram and frames both exist are skipped; every clip that fails (missing, corrupt, Git LFS
+    pointer, not a clip id) is listed with its reason in ``OUT/prepare_report.txt``. Exits with status 1 when no
+    usable clip is left, 2 when ``out`` was prepared with other parameters.
+
+    Args:
+        raw: the raw download.
+        out: the cache directory (``data.root``).
+        workers: processes (default: all cores).
+        fps: frames kept per second of video.
+        short_side: frames are resized so that their short side has this many pixels (0 keeps 480 x 360).
+        quality: JPEG quality.
+    """
+    raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
+    audio_dir, video_dir = raw / "AudioWAV", raw / "VideoFlash"
+    if not raw.is_dir():
+        raise _raw_error(raw, f"{raw} does not exist")
+    if not audio_dir.is_dir() or not video_dir.is_dir():
+        raise _raw_error(raw, f"{raw} has no {'AudioWAV/' if not audio_dir.is_dir() else 'VideoFlash/'} directory")
+    params = {"sample_rate": SAMPLE_RATE, "seconds": SECONDS, "n_fft": N_FFT, "hop_length": HOP_LENGTH,
+              "stft_pad_mode": "reflect", "resampling": "kaiser_best", "fps": float(fps),
+              "short_side": int(short_side), "jpeg_quality": int(quality)}
+    wavs = {p.stem for p in audio_dir.glob("*.wav")}
+    flvs = {p.stem for p in video_dir.glob("*.flv")}
+    if not wavs and not flvs:
+        raise _raw_error(raw, f"no .wav in {audio_dir} and no .flv in {video_dir}")
+    _check_params(out, params)
+    report = PrepareReport()
+    clips = []
+    for clip in sorted(wavs | flvs):
+        try:
+            parse_clip(clip)
+        except ValueError as error:
+            report.failed.append((clip, str(error)))
+        else:
+            clips.append(clip)
+
+    remove_stale_temporaries(out / "audio", out / "visual")
+    work = functools.partial(_prepare_clip, raw=str(raw), out=str(out), fps=fps, short_side=short_side,
+                             quality=quality)
+    run = run_items(clips, work, is_done=functools.partial(_is_done, out=out), workers=workers,
+                    desc="CREMA-D: preparing clips")
+    report.ok, report.done, report.failed = run.ok, run.done, report.failed + run.failed
+
+    usable = sorted(report.ok + report.done)
+    rows = ["clip,actor,label,frames"]
+    for clip in usable:
+        actor, label = parse_clip(clip)
+        frames = len(list((out / "visual" / clip).glob("*.jpg")))
+        rows.append(f"{clip},{actor},{label},{frames}")
+    details = [f"raw: {raw} ({len(wavs)} .wav, {len(flvs)} .flv)", f"out: {out}"]
+    if usable:
+        atomic_write_text(out / "clips.csv", "\n".join(rows) + "\n")
+    finish(report, out, "balance-prepare crema_d", details, usable=len(usable))  # exits 1 if nothing is usable
+    meta = {"dataset": "crema_d", "version": CACHE_VERSION, "params": params, "classes": list(CLASSES),
+            "audio_shape": list(SPECTROGRAM_SHAPE), "num_clips": len(usable), "num_failed": len(report.failed)}
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    return report
+
+
+def _check_params(out: Path, params: dict) -> None:
+    """Refuses to resume into a cache prepared with other parameters (exit 2); records them for the next run."""
+    path = out / "prepare_params.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != params:
+            print(f"balance-prepare crema_d: {out} was prepared with {previous}, not {params}: use another --out "
+                  "or delete it", file=sys.stderr)
+            raise SystemExit(2)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(params, indent=2))
+
+
+def prepare_main(argv: Sequence[str] | None = None) -> None:
+    """``balance-prepare crema_d --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
+    parser = argparse.ArgumentParser(
+        prog="balance-prepare crema_d",
+        description="Prepare CREMA-D (AudioWAV/*.wav, VideoFlash/*.flv) into spectrograms and 1 fps frames.",
+        epilog=f"Raw layout:\n{RAW_LAYOUT}\n\nCache layout:\n{CACHE_LAYOUT}\n\nSource: {SOURCE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+    parser.add_argument("--short-side", type=int, default=224,
+                        help="resize frames so the short side has this many pixels (0: keep; default 224)")
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality)
+    except FileNotFoundError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    print(f"train with: python train.py data=crema_d model=crema_d data.root={Path(args.out).expanduser().resolve()}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split files
+
+
+def read_split_file(path: str | Path) -> list[tuple[str, str]]:
+    """Reads a split file in either community format; returns ``[(clip, label code), ...]``.
+
+    - OGM-GE (``train.csv``/``test.csv``): ``1088_IOM_NEU_XX,NEU`` per row, often with a UTF-8 BOM and CRLF.
+    - MLA (``my_train_cre.txt``): ``1085_IWL_SAD_XX.flv Sad`` per line.
+
+    The label is checked against the clip id's emotion field.
+    """
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in (line.split(",") if "," in line else line.split())]
+        if len(fields) < 2:
+            raise ValueError(f"{path}:{number}: expected `clip,LABEL` (OGM-GE) or `clip.flv Label` (MLA), got {line!r}")
+        clip = re.sub(r"\.(flv|wav|mp4|npy)$", "", fields[0])
+        label = CLASS_WORDS.get(fields[1], fields[1].upper())
+        try:
+            _, expected = parse_clip(clip)
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+        if label != expected:
+            raise ValueError(f"{path}:{number}: label {fields[1]!r} does not match clip {clip} ({expected})")
+        rows.append((clip, label))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def group_split(groups: Sequence[int], fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Splits samples so that every group (actor) lands in exactly one part; parts get fractions of the groups."""
+    groups = np.asarray(groups)
+    unique = np.random.default_rng(seed).permutation(np.unique(groups))
+    bounds = np.round(np.cumsum(list(fractions.values())) * len(unique)).astype(int)
+    bounds[-1] = len(unique)
+    parts = {}
+    for name, start, stop in zip(fractions, np.r_[0, bounds[:-1]], bounds):
+        parts[name] = np.flatnonzero(np.isin(groups, unique[start:stop]))
+    return parts
+
+
+def random_split(num: int, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
+    """A pooled random split without stratification (MLA's CREMA-D split: shuffle, cut)."""
+    order = np.random.default_rng(seed).permutation(num)
+    bounds = np.round(np.cumsum(list(fractions.values())) * num).astype(int)
+    bounds[-1] = num
+    return {name: np.sort(order[start:stop]) for name, start, stop in zip(fractions, np.r_[0, bounds[:-1]], bounds)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset and datamodule
+
+
+def frame_transform(image_size: int, train: bool):
+    """Training: RandomResizedCrop + horizontal flip (OGM-GE, MLA); evaluation: Resize + CenterCrop. Both end in
+    ImageNet normalisation. Applied to the stacked frames of a clip at once (one crop per clip)."""
+    from torchvision.transforms import v2
+
+    head = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if train
+            else [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class CremaDDataset(Dataset):
+    """Items ``{"inputs": {"audio": [1, 257, 188], "visual": [T, 3, S, S]}, "label": int}`` from the cache.
+
+    Training picks ``T`` of a clip's frames at random (in temporal order); evaluation takes the centres of ``T``
+    equal segments (the middle frame for ``T = 1``). A clip with fewer than ``T`` frames repeats frames.
+    """
+
+    def __init__(self, root: Path, clips: Sequence[str], labels: Sequence[int], frames: Sequence[int],
+                 num_frames: int, image_size: int, train: bool) -> None:
+        self.root = Path(root)
+        self.clips = list(clips)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.frames = np.asarray(frames)
+        self.num_frames = num_frames
+        self.train = train
+        self.transform = frame_transform(image_size, train)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _frame_indices(self, available: int) -> list[int]:
+        t = self.num_frames
+        if self.train and available >= t:
+            return sorted(torch.randperm(available)[:t].tolist())
+        if self.train:
+            return sorted(torch.randint(available, (t,)).tolist())
+        return [min(available - 1, int((k + 0.5) * available / t)) for k in range(t)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        clip = self.clips[index]
+        audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy")).float().unsqueeze(0)
+        directory = self.root / "visual" / clip
+        frames = torch.stack([
+            decode_jpeg(read_file(str(directory / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
+            for k in self._frame_indices(int(self.frames[index]))
+        ])
+        return {"inputs": {"audio": audio, "visual": self.transform(frames)}, "label": int(self.labels[index])}
+
+
+class CremaDDataModule(MultimodalDataModule):
+    """CREMA-D from the prepared cache: audio spectrogram ``[1, 257, 188]`` + frames ``[T, 3, S, S]``, 6 classes.
+
+    Args:
+        root: the prepared cache (``balance-prepare crema_d --raw RAW --out OUT``; ``OUT`` here).
+        split: ``stratified`` (seeded, class-stratified train/val/test over all clips), ``actor`` (actor-disjoint,
+            speaker-independent: fractions of the 91 actors), ``random`` (MLA's pooled random split, not
+            stratified), or ``files`` (``split_files``; implied when ``split_files`` is given).
+        split_files: ``{"train": path, "test": path}`` (optionally ``"val"``), or ``[train, test]``; each file in
+            OGM-GE's csv or MLA's txt format (auto-detected). Without a val file, validation is carved from the
+            training file (stratified, ``val_fraction`` of it, with ``seed``). Listed clips missing from the cache
+            are skipped with a warning.
+        val_fraction: fraction of the clips (of the actors for ``actor``; of the training file for ``files``) in
+            validation.
+        test_fraction: fraction in test (unused with ``files``).
+        num_frames: frames per clip (``T``); OGM-GE uses 1 on CREMA-D, MLA 3.
+        image_size: side of the square frames fed to the model.
+        augment: random resized crop + horizontal flip on training frames (the papers'); evaluation always uses
+            resize + centre crop.
+        **kwargs: the base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
+    """
+
+    modalities = ["audio", "visual"]
+    num_classes = 6
+
+    def __init__(
+        self,
+        root: str | None = None,
+        split: str = "stratified",
+        split_files: Mapping[str, str] | Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        num_frames: int = 1,
+        image_size: int = 224,
+        augment: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if split_files is not None:
+            split = "files"
+        if split not in ("stratified", "actor", "random", "files"):
+            raise ValueError(f"unknown CREMA-D split {split!r}: choose {SPLITS_HELP}")
+        if split == "files" and split_files is None:
+            raise ValueError("split=files needs split_files: {train: path, test: path}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        self.root = None if root is None else Path(root).expanduser()
+        self.split = split
+        self.split_files = split_files
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.augment = augment
+        self.split_clips: dict[str, list[str]] = {}
+        self._train_eval: Dataset | None = None
+        self._train_eval_view: IndexedDataset | None = None
+
+    # -- the cache -------------------------------------------------------------------------------------------------
+
+    def _missing_error(self, problem: str) -> FileNotFoundError:
+        root = self.root if self.root is not None else "OUT"
+        hint = ""
+        if self.root is not None and (self.root / "AudioWAV").is_dir():
+            hint = (f"\n{self.root} looks like the raw download: prepare it into another directory with "
+                    f"`balance-prepare crema_d --raw {self.root} --out OUT` and set data.root=OUT.")
+        return FileNotFoundError(
+            f"CREMA-D: {problem}.{hint}\n"
+            f"data.root must be a cache prepared from the raw download with\n  {COMMAND}\n"
+            f"(then data.root=OUT; here: --out {root}), where RAW is laid out as\n{RAW_LAYOUT}\n"
+            f"The cache it writes:\n{CACHE_LAYOUT}\n"
+            f"CREMA-D is obtained from {SOURCE}; nothing is downloaded automatically."
+        )
+
+    def _check_root(self) -> dict:
+        if self.root is None:
+            raise self._missing_error("data.root is not set")
+        if not self.root.is_dir():
+            raise self._missing_error(f"{self.root} does not exist")
+        missing = [name for name in ("meta.json", "clips.csv", "audio", "visual") if not (self.root / name).exists()]
+        if missing:
+            raise self._missing_error(f"{self.root} is not a complete CREMA-D cache (missing {', '.join(missing)})")
+        meta = json.loads((self.root / "meta.json").read_text())
+        if meta.get("dataset") != "crema_d" or meta.get("version") != CACHE_VERSION:
+            raise self._missing_error(f"{self.root}/meta.json is not a version {CACHE_VERSION} CREMA-D cache's")
+        return meta
+
+    def prepare_data(self) -> None:
+        self._check_root()
+
+    def _read_clips(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        with open(self.root / "clips.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        clips = [r["clip"] for r in rows]
+        actors = np.array([int(r["actor"]) for r in rows])
+        labels = np.array([CLASSES.index(r["label"]) for r in rows])
+        frames = np.array([int(r["frames"]) for r in rows])
+        lost = [c for c, n in zip(clips, frames)
+                if n < 1 or not (self.root / "audio" / f"{c}.npy").is_file() or not (self.root / "visual" / c).is_dir()]
+        if lost:
+            raise self._missing_error(f"{len(lost)} clips of {self.root}/clips.csv have no spectrogram or frames "
+                                      f"(e.g. {lost[:3]}); re-run the preparation, it resumes")
+        return clips, actors, labels, frames
+
+    # -- splits ----------------------------------------------------------------------------------------------------
+
+    def _split_indices(self, clips: list[str], actors: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        fractions = {"train": 1 - self.val_fraction - self.test_fraction, "val": self.val_fraction,
+                     "test": self.test_fraction}
+        if self.split == "stratified":
+            return stratified_split(labels, fractions, self.seed)
+        if self.split == "actor":
+            return group_split(actors, fractions, self.seed)
+        if self.split == "random":
+            return random_split(len(clips), fractions, self.seed)
+        return self._file_split(clips, labels)
+
+    def _file_split(self, clips: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
+        files = self.split_files
+        if not isinstance(files, Mapping):
+            files = dict(zip(("train", "test"), files))
+        unknown = set(files) - {"train", "val", "test"}
+        if unknown or not {"train", "test"} <= set(files):
+            raise ValueError(f"split_files needs train and test (and optionally val), got {sorted(files)}")
+        position = {clip: i for i, clip in enumerate(clips)}
+        parts, seen = {}, set()
+        for name, path in files.items():
+            listed = [clip for clip, _ in read_split_file(path)]
+            absent = [c for c in listed if c not in position]
+            if absent:
+                log.warning("CREMA-D: %d clips of %s are not in the cache %s (e.g. %s): skipped", len(absent), path,
+                            self.root, absent[:3])
+            indices = np.array(sorted({position[c] for c in listed if c in position}), dtype=np.int64)
+            overlap = seen & set(indices.tolist())
+            if overlap:
+                raise ValueError(f"split file {path} repeats {len(overlap)} clips of another split file")
+            seen |= set(indices.tolist())
+            parts[name] = indices
+        if "val" not in parts:
+            train = parts["train"]
+            carved = stratified_split(labels[train], {"train": 1 - self.val_fraction, "val": self.val_fraction},
+                                      self.seed)
+            parts["train"], parts["val"] = train[carved["train"]], train[carved["val"]]
+        return parts
+
+    # -- datasets --------------------------------------------------------------------------------------------------
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        self._check_root()
+        clips, actors, labels, frames = self._read_clips()
+        parts = self._split_indices(clips, actors, labels)
+        self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
+        self.split_actors = {name: sorted(set(actors[idx].tolist())) for name, idx in parts.items()}
+
+        def dataset(idx: np.ndarray, train: bool) -> CremaDDataset:
+            return CremaDDataset(self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames,
+                                 self.image_size, train)
+
+        self._train_eval = dataset(parts["train"], train=False)
+        self._train_eval_view = None
+        return {name: dataset(parts[name], train=(name == "train" and self.augment))
+                for name in ("train", "val", "test")}
+
+    def evaluation_view(self, split: str) -> Dataset:
+        if split != "train" or not self.augment:
+            return self.datasets[split]
+        if self._train_eval_view is None:
+            view = IndexedDataset(self._train_eval, list(self.modalities))
+            view.keep = self.datasets["train"].keep  # the same missing-modality mask as training
+            self._train_eval_view = view
+        return self._train_eval_view
