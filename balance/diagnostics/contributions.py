@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from balance.gather import gather_table  # noqa: E402
@@ -85,8 +86,10 @@ class ContributionCallback(pl.Callback):
         self._train_table_seen: Any = None
 
     def _value_and_log(self, pl_module: pl.LightningModule, split: str, loader: Any) -> ValuationTable:
-        table = gather_table(pl_module, value_dataloader(pl_module.model, loader, benefit=self.benefit,
-                                                         drop=self.drop, device=pl_module.device))
+        # Iterating a DataLoader draws from the global RNG: keep the diagnostic from changing the training run.
+        with torch.random.fork_rng(devices=[]):
+            table = gather_table(pl_module, value_dataloader(pl_module.model, loader, benefit=self.benefit,
+                                                             drop=self.drop, device=pl_module.device))
         for m, value in table.mean().items():
             pl_module.log(f"{split}/phi_{m}", value, on_epoch=True, on_step=False)
         return table
