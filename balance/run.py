@@ -36,7 +36,8 @@ def build_model_config(cfg: DictConfig, datamodule: Any) -> DictConfig:
         for modality, values in datamodule.encoder_kwargs.items():
             node = encoders.get(modality)
             for key, value in values.items():
-                if node is not None and key in node:
+                # `key in node` is False for a mandatory `???` value, which is exactly what is to be filled.
+                if node is not None and key in node.keys():
                     node[key] = value
     return model_cfg
 
