@@ -93,11 +93,12 @@ def test_other_preparation_arguments_are_refused(datamodule):
         AVDigitsDataModule(root=str(datamodule.root), utterances_per_image=2).prepare_data()
 
 
-@pytest.mark.parametrize("method", ["joint", "mla"])
+@pytest.mark.parametrize("method", ["joint", "mla", "sample_level", "modality_level"])
 def test_train_runs_on_avdigits(cache_env, tmp_path, monkeypatch, method):
     monkeypatch.setenv("BALANCE_CACHE", str(cache_env))
     cfg = compose_train(
         [f"method={method}", "data.utterances_per_image=1", "trainer.max_epochs=2",
+         *(["method.warmup_epochs=1"] if method.endswith("_level") else []),
          "trainer.enable_progress_bar=false"],
         run_dir=tmp_path,
     )
