@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -102,6 +103,4 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _checkpoint_epoch(path: str | None) -> int | None:
     if not path:
         return None
-    import torch
-
     return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])

@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from balance.models.multimodal import zero_input
+
 BENEFITS = ("official", "correct", "true_prob")
 DROPS = ("features", "inputs")
 
@@ -234,12 +236,6 @@ def subset_values(model: nn.Module, features: Mapping[str, torch.Tensor], labels
     return _value_table(logits, labels, benefit, present)
 
 
-def _zeros_like(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _zeros_like(v) for k, v in x.items()}
-    return torch.zeros_like(x)
-
-
 def _first_row_zeros(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {k: _first_row_zeros(v) for k, v in x.items()}
@@ -299,7 +295,7 @@ def _logits_dropping_inputs(model: nn.Module, inputs: Mapping[str, Any], cache: 
     if cache is None:
         logits = []
         for s in range(1, 2**num_modalities):
-            dropped = {m: inputs[m] if masks[s, i] else _zeros_like(inputs[m]) for i, m in enumerate(modalities)}
+            dropped = {m: inputs[m] if masks[s, i] else zero_input(inputs[m]) for i, m in enumerate(modalities)}
             logits.append(model.fuse(model.encode(dropped), keep=present))
         return torch.stack(logits)
     real = model.encode(inputs)

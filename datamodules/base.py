@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from balance.models import zero_input
 from datamodules.missing import missing_mask
 
 SPLITS = ("train", "val", "test")
@@ -82,16 +83,10 @@ class IndexedDataset(Dataset):
         if self.keep is not None:
             present = self.keep[index]
             sample["inputs"] = {
-                m: x if present[i] else _zeros_like(x) for i, (m, x) in enumerate(sample["inputs"].items())
+                m: x if present[i] else zero_input(x) for i, (m, x) in enumerate(sample["inputs"].items())
             }
             sample["present"] = present
         return sample
-
-
-def _zeros_like(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _zeros_like(v) for k, v in x.items()}
-    return torch.zeros_like(torch.as_tensor(x))
 
 
 class PlannedDataset(Dataset):
@@ -120,7 +115,7 @@ class PlannedDataset(Dataset):
         if "present" in sample:
             keep = keep & sample["present"]
         if self.zero_inputs:
-            sample["inputs"] = {m: x if keep[j] else _zeros_like(x) for j, (m, x) in enumerate(sample["inputs"].items())}
+            sample["inputs"] = {m: x if keep[j] else zero_input(x) for j, (m, x) in enumerate(sample["inputs"].items())}
         sample["present"] = keep
         return sample
 

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from balance.gather import gather_table, last_per_index
 from balance.methods.joint import JointTraining
@@ -78,20 +77,10 @@ class ShapleyResampling(JointTraining):
 
     # -- valuation ---------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        labels = batch["label"]
-        present = batch.get("present")
-        features = self.model.encode(batch["inputs"])
-        logits = self.model.fuse(features, keep=present)
-        unimodal = self.model.unimodal_logits(features)
-        loss = F.cross_entropy(logits, labels)
-        if self.unimodal_loss_weight:
-            loss = loss + self.unimodal_loss_weight * sum(F.cross_entropy(u, labels) for u in unimodal.values())
+    def observe_step(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor,
+                     batch: Mapping[str, Any]) -> None:
         if self.valuation == "online" and self._valuing_this_epoch():
-            self._value_online(features, logits.detach(), batch)
-        self.log_metrics("train", logits.detach(), {m: u.detach() for m, u in unimodal.items()}, labels,
-                         loss.detach())
-        return loss
+            self._value_online(features, logits, batch)
 
     def _valuing_this_epoch(self) -> bool:
         return self.current_epoch >= self.warmup_epochs - 1

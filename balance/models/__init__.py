@@ -10,7 +10,7 @@ from balance.models.fusion import (
     SharedHead,
     SumFusion,
 )
-from balance.models.multimodal import MultimodalModel, drop_features
+from balance.models.multimodal import MultimodalModel, drop_features, zero_input
 
 __all__ = [
     "ConcatFusion",
@@ -27,4 +27,5 @@ __all__ = [
     "TextEncoder",
     "drop_features",
     "replicate",
+    "zero_input",
 ]

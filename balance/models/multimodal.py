@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,14 @@ class MultimodalModel(nn.Module):
 
     def forward(self, inputs: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.fuse(self.encode(inputs), keep)
+
+
+def zero_input(x: Any) -> Any:
+    """An all-zero input of the same shape (recursively for dict inputs): how a dropped modality's input looks;
+    for token ids it is all padding (id 0)."""
+    if isinstance(x, Mapping):
+        return {k: zero_input(v) for k, v in x.items()}
+    return torch.zeros_like(torch.as_tensor(x))
 
 
 def drop_features(
