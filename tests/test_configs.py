@@ -1,6 +1,5 @@
 """Every YAML in conf/ composes and instantiates (parametrised over the files, so new ones are covered)."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,9 +3,8 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 
-from balance.methods.mla import MLA, batch_entropy_weights, entropy_weights, update_projector
+from balance.methods.mla import batch_entropy_weights, entropy_weights, update_projector
 from balance.run import build, train
 from compose import SYNTHETIC, compose_train
 

@@ -1,7 +1,6 @@
 """Sample-level and modality-level resampling end to end: plans applied, copies train one modality, online
 valuation adds no encoder pass, exact resume, DDP values the same table as one process."""
 
-import json
 import os
 import subprocess
 import sys
