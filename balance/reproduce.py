@@ -235,3 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         print(f"balance-reproduce: failed: {'; '.join(failed)} (rerun to retry them)", file=sys.stderr)
         raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

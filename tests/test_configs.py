@@ -131,6 +131,18 @@ def test_experiment_config_instantiates(name, tmp_path):
     assert OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.mark.parametrize("name", _configs("reproduce"))
+def test_every_table_row_composes_and_builds_its_method(name, tmp_path):
+    """A table's rows are overrides of train.py: each composes and builds its data, model and method."""
+    from balance.reproduce import load_table
+
+    for row in load_table(name)[1]:
+        cfg = _compose(row.overrides, run_dir=tmp_path)
+        model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
+        method = instantiate(cfg.method, model=model)
+        assert method.configure_optimizers() is not None, row.name
+
+
 def test_every_recipe_is_used_by_an_experiment():
     texts = [p.read_text() for p in (CONF_DIR / "experiment").rglob("*.yaml")]
     unused = [name for name in _configs("recipe") if not any(f"/recipe/{name}\n" in t for t in texts)]
