@@ -9,10 +9,18 @@ A table is a YAML file (``conf/reproduce/<name>.yaml``, or any path) naming its 
         reference: 72.30            # test accuracy, %
         source: BalanceBenchmark reproduction
 
+A row with ``evaluate_from: <row above>`` trains nothing: its runs evaluate that row's selected checkpoints, seed
+by seed, with the row's overrides (``task=evaluate``), e.g. MLA's trained models with another test-time fusion.
+
 Every (row, seed) runs in ``OUT/<row>/seed<seed>/`` as a Hydra multirun of ``train.py`` (one per row, over the
 seeds still to run). A run with ``results.json`` is done and never rerun; one with ``checkpoints/last.ckpt`` but no
 results resumes from it; so an interrupted table continues where it stopped. The table (``OUT/table.md``,
-``OUT/table.json``) is written from whatever runs are done.
+``OUT/table.json``) and its figures (``OUT/figures/``, see :mod:`balance.reproduce_figures`) are written from
+whatever runs are done.
+
+``--evaluate NAME`` trains nothing: it evaluates every finished run's selected checkpoint with the overrides given
+(``task=evaluate``, e.g. ``-- "diagnostics=[mm_shap]"``) into ``<run>/NAME/``, and the table adds the numbers, so a
+diagnostic can be added to a finished table without retraining.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from balance.reproduce_figures import epoch_metrics, write_figures
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 TABLES = REPO / "conf" / "reproduce"
@@ -44,6 +54,7 @@ class Row:
     overrides: list[str]
     reference: float | None = None
     source: str | None = None
+    evaluate_from: str | None = None  # trains nothing: evaluates this row's checkpoints with the overrides
 
 
 @dataclass
@@ -80,7 +91,10 @@ def load_table(table: str) -> tuple[str, list[Row]]:
         name = entry.get("name") or entry.get("experiment")
         if not name:
             raise ValueError(f"{path}: row {number} gives overrides, so it needs a `name`")
-        rows.append(Row(name, overrides, entry.get("reference"), entry.get("source")))
+        source_row = entry.get("evaluate_from")
+        if source_row is not None and source_row not in {r.name for r in rows if r.evaluate_from is None}:
+            raise ValueError(f"{path}: row {name!r} evaluates {source_row!r}, which is no trained row above it")
+        rows.append(Row(name, overrides, entry.get("reference"), entry.get("source"), source_row))
     if not rows:
         raise ValueError(f"{path}: no rows")
     names = [r.name for r in rows]
@@ -94,11 +108,11 @@ def plan_runs(rows: list[Row], seeds: list[int], out: Path) -> list[Run]:
 
 
 def commands(runs: list[Run], protocol: str, extra: list[str]) -> list[tuple[list[Run], list[str]]]:
-    """The commands that complete ``runs``: per row, one multirun over its pending seeds, and one resuming run
-    per partial seed."""
+    """The commands that complete the trained rows' ``runs``: per row, one multirun over its pending seeds, and
+    one resuming run per partial seed (rows that evaluate another row's checkpoints: :func:`derived_commands`)."""
     result = []
     base = [sys.executable, str(TRAIN)]
-    for row in dict.fromkeys(run.row.name for run in runs):
+    for row in dict.fromkeys(run.row.name for run in runs if run.row.evaluate_from is None):
         row_runs = [run for run in runs if run.row.name == row]
         pending = [run for run in row_runs if run.status == "pending"]
         if pending:
@@ -114,6 +128,37 @@ def commands(runs: list[Run], protocol: str, extra: list[str]) -> list[tuple[lis
     return result
 
 
+def _evaluation(run: Run, overrides: list[str], directory: Path) -> list[str]:
+    """The command that evaluates ``run``'s selected checkpoint with ``overrides`` into ``directory``."""
+    checkpoint = json.loads((run.directory / "results.json").read_text()).get("best_checkpoint")
+    if not checkpoint:
+        raise ValueError(f"{run.directory}/results.json names no checkpoint to evaluate")
+    return [sys.executable, str(TRAIN), "task=evaluate", f"ckpt_path={checkpoint}", *overrides,
+            f"hydra.run.dir={directory}"]
+
+
+def derived_commands(runs: list[Run], extra: list[str]) -> list[tuple[list[Run], list[str]]]:
+    """The commands of the pending runs of rows that evaluate another row's checkpoints (``evaluate_from``, e.g.
+    MLA's test-time fusion changed): each evaluates the same seed's finished run of that row with the row's
+    overrides. Runs whose source has not finished are left for later."""
+    sources = {(run.row.name, run.seed): run for run in runs}
+    result = []
+    for run in runs:
+        if run.row.evaluate_from is None or run.status == "done":
+            continue
+        source = sources.get((run.row.evaluate_from, run.seed))
+        if source is not None and source.status == "done":
+            result.append(([run], _evaluation(source, [*run.row.overrides, *extra], run.directory)))
+    return result
+
+
+def evaluation_commands(runs: list[Run], name: str, extra: list[str]) -> list[tuple[list[Run], list[str]]]:
+    """The commands that evaluate every finished run's selected checkpoint (``task=evaluate``) with ``extra``
+    (e.g. more diagnostics) into ``<run>/<name>/``; runs evaluated there already are skipped."""
+    return [([run], _evaluation(run, extra, run.directory / name)) for run in runs
+            if run.status == "done" and not (run.directory / name / "results.json").is_file()]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -121,9 +166,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def test_scalars(run_directory: Path) -> dict[str, float]:
+    """A finished run's test metrics (``results.json``) with those of evaluations of its checkpoint saved in a
+    subdirectory (``balance-reproduce --evaluate NAME``: ``<run>/NAME/results.json``), which add diagnostics."""
+    scalars = {}
+    for path in [*sorted(run_directory.glob("*/results.json")), run_directory / "results.json"]:
+        results = json.loads(path.read_text())
+        if path.parent != run_directory and results.get("task") != "evaluate":
+            continue
+        scalars |= results["test"]
+    return scalars
+
+
 def summarise(runs: list[Run]) -> dict[str, Any]:
-    """Mean and sample standard deviation (in %) over each row's finished seeds of the test metrics: fused
-    accuracy and macro-F1, each modality's accuracy and mean Shapley contribution (``phi_<m>``, not in %)."""
+    """Per row, every test metric over its finished seeds (``values``, as logged) and the table's statistics
+    (``stats``): mean and sample standard deviation of fused accuracy and macro-F1 and of each modality's accuracy
+    (in %) and mean Shapley contribution (``phi_<m>``), and of the diagnostics' scalars (``name/key``, as logged)."""
     rows: dict[str, dict[str, Any]] = {}
     selections = set()
     for run in runs:
@@ -131,14 +189,15 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
                                                "seeds": [], "values": {}})
         if run.status != "done":
             continue
-        results = json.loads((run.directory / "results.json").read_text())
-        selections.add(results.get("selection", "?"))
+        selections.add(json.loads((run.directory / "results.json").read_text()).get("selection", "?"))
         entry["seeds"].append(run.seed)
-        for key, value in results["test"].items():
-            if key in METRICS or re.fullmatch(r"(acc|phi)_\w+", key):
-                entry["values"].setdefault(key, []).append(100 * value if not key.startswith("phi_") else value)
+        for key, value in test_scalars(run.directory).items():
+            if key in METRICS or "/" in key or re.fullmatch(r"(acc|phi)_\w+", key):
+                entry["values"].setdefault(key, []).append(value)
     for entry in rows.values():
-        entry["stats"] = {key: _mean_std(values) for key, values in entry.pop("values").items()}
+        entry["stats"] = {key: _mean_std([100 * v for v in values] if key in METRICS or key.startswith("acc_")
+                                         else values)
+                          for key, values in entry["values"].items()}
     return {"selection": sorted(selections), "rows": rows}
 
 
@@ -152,7 +211,7 @@ def _cell(stats: dict[str, tuple[float, float]], key: str, digits: int = 2) -> s
 def markdown(title: str, summary: dict[str, Any], protocol: str) -> str:
     """The table: one line per row, mean ± std over seeds, the reference and the difference to it."""
     rows = summary["rows"]
-    keys = sorted({k for r in rows.values() for k in r["stats"]})
+    keys = sorted({k for r in rows.values() for k in r["stats"] if "/" not in k})
     modality_acc = [k for k in keys if k.startswith("acc_")]
     phis = [k for k in keys if k.startswith("phi_")]
     header = ["row", "seeds", "acc (%)", "F1 (%)", *[f"{k} (%)" for k in modality_acc], *phis, "reference (%)",
@@ -171,13 +230,39 @@ def markdown(title: str, summary: dict[str, Any], protocol: str) -> str:
     sources = sorted({r["source"] for r in rows.values() if r["source"]})
     if sources:
         lines += ["", "References: " + "; ".join(sources) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + diagnostics_markdown(rows)) + "\n"
+
+
+def diagnostics_markdown(rows: dict[str, Any]) -> list[str]:
+    """The diagnostics' headline numbers per row (mean ± std over seeds), where the runs have them: EMAP's
+    accuracy gap (model - EMAP), each modality's MM-SHAP share, the modality gap, and the accuracy at the highest
+    missing-modality rate."""
+    keys = sorted({k for r in rows.values() for k in r["stats"] if "/" in k})
+    rates = sorted((k for k in keys if re.fullmatch(r"missing_modality/acc_r[0-9.]+", k)),
+                   key=lambda k: float(k.rsplit("_r", 1)[1]))
+    columns = [k for k in keys if k == "emap/acc_gap" or k.startswith("modality_gap/gap/")
+               or re.fullmatch(r"mm_shap/share_\w+", k) and not k.endswith(("_correct", "_incorrect"))]
+    columns += rates[-1:]
+    if not columns:
+        return []
+    lines = ["", "Diagnostics on the test split, mean ± sample std over seeds (accuracies as fractions).", "",
+             "| row | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for name, row in rows.items():
+        lines.append("| " + " | ".join([name, *[_cell(row["stats"], k, 3) for k in columns]]) + " |")
+    return lines
 
 
 def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
+    """Writes ``table.md``, ``table.json`` and ``figures/`` from the finished runs; returns the markdown."""
     summary = summarise(runs)
-    text = markdown(title, summary, protocol)
     out.mkdir(parents=True, exist_ok=True)
+    curves = {name: [epoch_metrics(run.directory) for run in runs if run.row.name == name and run.status == "done"]
+              for name in summary["rows"]}
+    figures = write_figures({name: row["values"] for name, row in summary["rows"].items()}, curves,
+                            out / "figures")
+    text = markdown(title, summary, protocol)
+    if figures:
+        text += "\nFigures: " + ", ".join(f"[{p.stem}](figures/{p.name})" for p in figures) + ".\n"
     (out / "table.md").write_text(text)
     serialisable = {name: {**row, "stats": {k: list(v) for k, v in row["stats"].items()}}
                     for name, row in summary["rows"].items()}
@@ -187,8 +272,20 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
     return text
 
 
+def _run_all(todo: list[tuple[list[Run], list[str]]]) -> list[str]:
+    """Runs the commands one after another (progress on stdout); returns the labels of those that failed."""
+    failed = []
+    for number, (batch, command) in enumerate(todo, start=1):
+        label = ", ".join(f"{run.row.name} seed={run.seed}" for run in batch)
+        print(f"[{number}/{len(todo)}] {label}", flush=True)
+        if subprocess.run(command, cwd=REPO).returncode != 0:
+            failed.append(label)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``balance-reproduce TABLE [--seeds N] [--out DIR] [--protocol val|paper] [--dry-run] [-- overrides]``."""
+    """``balance-reproduce TABLE [--seeds N] [--out DIR] [--protocol val|paper] [--rows R,..] [--evaluate NAME]
+    [--dry-run] [-- overrides]``."""
     parser = argparse.ArgumentParser(
         prog="balance-reproduce", description=__doc__.split("\n\n")[0],
         epilog="Overrides after `--` go to every run, e.g. `-- data.root=/data/crema_d trainer=gpu`.")
@@ -200,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="model selection: val (default) or paper (best test epoch, as the papers)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their status and the commands")
     parser.add_argument("--rows", help="comma-separated row names to run (default all)")
+    parser.add_argument("--evaluate", metavar="NAME",
+                        help="train nothing: evaluate each finished run's selected checkpoint with the overrides "
+                             "after -- (e.g. more diagnostics) into <run>/NAME/; the table adds their numbers")
     args, extra = parser.parse_known_args(argv)
     extra = [e for e in extra if e != "--"]
     unknown = [e for e in extra if e.startswith("-")]
@@ -217,19 +317,23 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in rows if r.name in wanted]
     out = (args.out or Path("reproduce") / Path(args.table).stem).resolve()
     runs = plan_runs(rows, list(range(args.seeds)), out)
-    todo = commands(runs, args.protocol, extra)
+    if args.evaluate and not re.fullmatch(r"[\w.-]+", args.evaluate):
+        parser.exit(2, f"balance-reproduce: --evaluate takes a directory name, not {args.evaluate!r}\n")
+    try:
+        todo = evaluation_commands(runs, args.evaluate, extra) if args.evaluate else \
+            commands(runs, args.protocol, extra)
+    except ValueError as error:
+        parser.exit(2, f"balance-reproduce: {error}\n")
     if args.dry_run:
         for run in runs:
-            print(f"{run.status:8s} {run.row.name} seed={run.seed}  {run.directory}")
-        for _, command in todo:
+            source = f" (evaluates {run.row.evaluate_from} seed={run.seed})" if run.row.evaluate_from else ""
+            print(f"{run.status:8s} {run.row.name} seed={run.seed}  {run.directory}{source}")
+        for _, command in todo + ([] if args.evaluate else derived_commands(runs, extra)):
             print(shlex.join(command))
         return
-    failed = []
-    for number, (batch, command) in enumerate(todo, start=1):
-        label = ", ".join(f"{run.row.name} seed={run.seed}" for run in batch)
-        print(f"[{number}/{len(todo)}] {label}", flush=True)
-        if subprocess.run(command, cwd=REPO).returncode != 0:
-            failed.append(label)
+    failed = _run_all(todo)
+    if not args.evaluate:  # the rows evaluating other rows' checkpoints, now that those are trained
+        failed += _run_all(derived_commands(runs, extra))
     print(write_table(title, runs, out, args.protocol))
     print(f"table: {out / 'table.md'}")
     if failed:

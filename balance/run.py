@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -117,7 +118,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     Unless ``evaluate.use_run_config`` is false, the data, model and method configs are those of the run that
     wrote the checkpoint (``<run>/.hydra/config.yaml`` next to ``<run>/checkpoints/``), so the checkpoint is
-    rebuilt as it was trained; the trainer, loggers, callbacks and diagnostics come from the command line.
+    rebuilt as it was trained, except for the ``data.``, ``model.`` and ``method.`` keys the command line sets;
+    the trainer, loggers, callbacks and diagnostics come from the command line.
     """
     if not cfg.get("ckpt_path"):
         raise ValueError("task=evaluate needs ckpt_path=<run>/checkpoints/<file>.ckpt")
@@ -137,11 +139,25 @@ def _with_training_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
         return cfg
     log.info("evaluate: data, model and method configs from %s", run_config)
     trained = OmegaConf.load(run_config)
+    given = cfg
     cfg = cfg.copy()
     with open_dict(cfg):
         for key in ("data", "model", "method"):
             cfg[key] = trained[key]
+        # Options given on the command line still apply (e.g. `method=mla method.fusion=fixed` evaluates an MLA
+        # checkpoint with fixed fusion weights): they were composed into `given`, so their values are taken there.
+        for key in _command_line_keys():
+            if key.split(".", 1)[0] in ("data", "model", "method") and "." in key:
+                log.info("evaluate: %s from the command line", key)
+                OmegaConf.update(cfg, key, OmegaConf.select(given, key), merge=False)
     return cfg
+
+
+def _command_line_keys() -> list[str]:
+    """The keys set by ``key=value`` overrides of this Hydra run (none outside one)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o]
 
 
 def _evaluate_and_report(cfg: DictConfig, trainer: pl.Trainer, method: MultimodalMethod, datamodule: Any,

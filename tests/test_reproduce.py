@@ -97,3 +97,41 @@ def test_every_referenced_experiment_is_in_a_table():
     for path in (CONF_DIR / "experiment").rglob("*.yaml"):
         if re.search(r"^# reference:", path.read_text(), re.M):
             assert str(path.relative_to(CONF_DIR / "experiment").with_suffix("")) in tabled, path
+
+
+def test_row_evaluating_another_rows_checkpoints(tmp_path, capsys):
+    """`evaluate_from`: MLA's checkpoint tested with fixed weights (1, 0) predicts with m0 alone, so its fused
+    accuracy is the trained row's m0 accuracy; it trains nothing, and an `--evaluate` adds diagnostics' numbers."""
+    path = tmp_path / "derived.yaml"
+    path.write_text(yaml.safe_dump({"title": "Derived", "rows": [
+        {"name": "mla", "overrides": ["method=mla"]},
+        {"name": "mla_m0", "evaluate_from": "mla",
+         "overrides": ["method=mla", "method.fusion=fixed", "method.fixed_weights={m0: 1.0, m1: 0.0}"]},
+    ]}))
+    out = tmp_path / "out"
+    main([str(path), "--seeds", "1", "--out", str(out), "--dry-run", "--", *TINY])
+    listing = capsys.readouterr().out
+    assert "(evaluates mla seed=0)" in listing and listing.count("train.py") == 1, "no source run is done yet"
+    main([str(path), "--seeds", "1", "--out", str(out), "--", *TINY])
+    trained = json.loads((out / "mla" / "seed0" / "results.json").read_text())
+    derived = json.loads((out / "mla_m0" / "seed0" / "results.json").read_text())
+    assert derived["task"] == "evaluate" and derived["best_checkpoint"] == trained["best_checkpoint"]
+    assert derived["test"]["acc"] == pytest.approx(trained["test"]["acc_m0"])
+    assert not (out / "mla_m0" / "seed0" / "checkpoints").exists()
+
+    main([str(path), "--seeds", "1", "--out", str(out), "--rows", "mla", "--evaluate", "gap", "--",
+          *TINY, "diagnostics=[modality_gap]"])
+    table = json.loads((out / "table.json").read_text())["rows"]
+    assert "modality_gap/gap/m0-m1" in table["mla"]["stats"] and table["mla"]["stats"]["acc"][0] == \
+        pytest.approx(100 * trained["test"]["acc"])
+    assert (out / "figures" / "modality_gap.png").is_file() and (out / "figures" / "contributions.png").is_file()
+    with pytest.raises(SystemExit):
+        main([str(path), "--seeds", "1", "--out", str(out), "--evaluate", "../x", "--", *TINY])
+
+
+def test_evaluate_from_must_name_a_trained_row_above(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"rows": [{"name": "a", "evaluate_from": "b", "overrides": []},
+                                             {"name": "b", "overrides": []}]}))
+    with pytest.raises(ValueError, match="no trained row above"):
+        load_table(str(path))
