@@ -137,11 +137,11 @@ def _evaluation(run: Run, overrides: list[str], directory: Path) -> list[str]:
             f"hydra.run.dir={directory}"]
 
 
-def derived_commands(runs: list[Run], extra: list[str]) -> list[tuple[list[Run], list[str]]]:
-    """The commands of the pending runs of rows that evaluate another row's checkpoints (``evaluate_from``, e.g.
-    MLA's test-time fusion changed): each evaluates the same seed's finished run of that row with the row's
-    overrides. Runs whose source has not finished are left for later."""
-    sources = {(run.row.name, run.seed): run for run in runs}
+def derived_commands(runs: list[Run], extra: list[str], sources: list[Run]) -> list[tuple[list[Run], list[str]]]:
+    """The commands of the pending ``runs`` of rows that evaluate another row's checkpoints (``evaluate_from``,
+    e.g. MLA's test-time fusion changed): each evaluates the same seed's finished run of that row (among
+    ``sources``) with the row's overrides. Runs whose source has not finished are left for later."""
+    sources = {(run.row.name, run.seed): run for run in sources}
     result = []
     for run in runs:
         if run.row.evaluate_from is None or run.status == "done":
@@ -309,14 +309,13 @@ def main(argv: list[str] | None = None) -> None:
         title, rows = load_table(args.table)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"balance-reproduce: {error}\n")
-    if args.rows:
-        wanted = args.rows.split(",")
-        missing = sorted(set(wanted) - {r.name for r in rows})
-        if missing:
-            parser.exit(2, f"balance-reproduce: no rows {missing} in {args.table}\n")
-        rows = [r for r in rows if r.name in wanted]
+    wanted = args.rows.split(",") if args.rows else [r.name for r in rows]
+    missing = sorted(set(wanted) - {r.name for r in rows})
+    if missing:
+        parser.exit(2, f"balance-reproduce: no rows {missing} in {args.table}\n")
     out = (args.out or Path("reproduce") / Path(args.table).stem).resolve()
-    runs = plan_runs(rows, list(range(args.seeds)), out)
+    every_run = plan_runs(rows, list(range(args.seeds)), out)
+    runs = [run for run in every_run if run.row.name in wanted]
     if args.evaluate and not re.fullmatch(r"[\w.-]+", args.evaluate):
         parser.exit(2, f"balance-reproduce: --evaluate takes a directory name, not {args.evaluate!r}\n")
     try:
@@ -328,13 +327,16 @@ def main(argv: list[str] | None = None) -> None:
         for run in runs:
             source = f" (evaluates {run.row.evaluate_from} seed={run.seed})" if run.row.evaluate_from else ""
             print(f"{run.status:8s} {run.row.name} seed={run.seed}  {run.directory}{source}")
-        for _, command in todo + ([] if args.evaluate else derived_commands(runs, extra)):
+        for _, command in todo + ([] if args.evaluate else derived_commands(runs, extra, every_run)):
             print(shlex.join(command))
         return
     failed = _run_all(todo)
     if not args.evaluate:  # the rows evaluating other rows' checkpoints, now that those are trained
-        failed += _run_all(derived_commands(runs, extra))
-    print(write_table(title, runs, out, args.protocol))
+        failed += _run_all(derived_commands(runs, extra, every_run))
+    # The table covers every row and every seed run so far, whichever subset this call ran.
+    seeds = set(range(args.seeds)) | {int(p.name.removeprefix("seed")) for p in out.glob("*/seed*")
+                                      if re.fullmatch(r"seed\d+", p.name)}
+    print(write_table(title, plan_runs(rows, sorted(seeds), out), out, args.protocol))
     print(f"table: {out / 'table.md'}")
     if failed:
         print(f"balance-reproduce: failed: {'; '.join(failed)} (rerun to retry them)", file=sys.stderr)

@@ -124,6 +124,7 @@ def test_row_evaluating_another_rows_checkpoints(tmp_path, capsys):
     table = json.loads((out / "table.json").read_text())["rows"]
     assert "modality_gap/gap/m0-m1" in table["mla"]["stats"] and table["mla"]["stats"]["acc"][0] == \
         pytest.approx(100 * trained["test"]["acc"])
+    assert table["mla_m0"]["seeds"] == [0], "the table covers every row, whichever rows a call ran"
     assert (out / "figures" / "modality_gap.png").is_file() and (out / "figures" / "contributions.png").is_file()
     with pytest.raises(SystemExit):
         main([str(path), "--seeds", "1", "--out", str(out), "--evaluate", "../x", "--", *TINY])
