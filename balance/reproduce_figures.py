@@ -161,8 +161,8 @@ def missing_modality_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
         if not present:
             continue
         stats = [_mean_std(values[f"missing_modality/acc_r{r}"]) for r in present]
-        ax.errorbar([float(r) for r in present], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o",
-                    capsize=3, label=row)
+        ax.errorbar([float(r) for r in present], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
+                    marker="o", capsize=3, label=row)
     ax.set_xlabel("missing rate (share of (sample, modality) slots)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Missing-modality robustness")

@@ -32,6 +32,7 @@ from datamodules.base import MultimodalDataModule
 from datamodules.clips import ClipDataset
 from datamodules.media import MediaError
 from datamodules.preparation import (
+    missing_cache_error,
     read_cache_meta,
     PrepareReport,
     add_common_arguments,
@@ -338,18 +339,10 @@ class CremaDDataModule(MultimodalDataModule):
     # -- the cache -------------------------------------------------------------------------------------------------
 
     def _missing_error(self, problem: str) -> FileNotFoundError:
-        root = self.root if self.root is not None else "OUT"
-        hint = ""
-        if self.root is not None and (self.root / "AudioWAV").is_dir():
-            hint = (f"\n{self.root} looks like the raw download: prepare it into another directory with "
-                    f"`balance-prepare crema_d --raw {self.root} --out OUT` and set data.root=OUT.")
-        return FileNotFoundError(
-            f"CREMA-D: {problem}.{hint}\n"
-            f"data.root must be a cache prepared from the raw download with\n  {COMMAND}\n"
-            f"(then data.root=OUT; here: --out {root}), where RAW is laid out as\n{RAW_LAYOUT}\n"
-            f"The cache it writes:\n{CACHE_LAYOUT}\n"
-            f"CREMA-D is obtained from {SOURCE}; nothing is downloaded automatically."
-        )
+        return missing_cache_error(
+            problem, title="CREMA-D", root=self.root,
+            looks_raw=self.root is not None and (self.root / "AudioWAV").is_dir(), command=COMMAND, raw_layout=RAW_LAYOUT, cache_layout=CACHE_LAYOUT, obtained=f"from {SOURCE}",
+            prepare="balance-prepare crema_d")
 
     def _check_root(self) -> dict:
         return read_cache_meta(self.root, ("meta.json", "clips.csv", "audio", "visual"), "crema_d", CACHE_VERSION,

@@ -39,6 +39,7 @@ from datamodules.base import MultimodalDataModule
 from datamodules.clips import ClipDataset
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
+    missing_cache_error,
     read_cache_meta,
     PrepareReport,
     add_common_arguments,
@@ -622,18 +623,12 @@ class IEMOCAPDataModule(MultimodalDataModule):
     # -- the cache -------------------------------------------------------------------------------------------------
 
     def _missing_error(self, problem: str) -> FileNotFoundError:
-        root = self.root if self.root is not None else "OUT"
-        hint = ""
-        if self.root is not None and (_sessions(self.root) or (self.root / "IEMOCAP_full_release").is_dir()):
-            hint = (f"\n{self.root} looks like the raw release: prepare it into another directory with "
-                    f"`balance-prepare iemocap --raw {self.root} --out OUT` and set data.root=OUT.")
-        return FileNotFoundError(
-            f"IEMOCAP: {problem}.{hint}\n"
-            f"data.root must be a cache prepared from the raw release with\n  {COMMAND}\n"
-            f"(then data.root=OUT; here: --out {root}), where RAW is laid out as\n{RAW_LAYOUT}\n"
-            f"The cache it writes:\n{CACHE_LAYOUT}\n"
-            f"IEMOCAP is obtained from {SOURCE}; nothing is downloaded automatically."
-        )
+        looks_raw = self.root is not None and (bool(_sessions(self.root))
+                                               or (self.root / "IEMOCAP_full_release").is_dir())
+        return missing_cache_error(
+            problem, title="IEMOCAP", root=self.root, looks_raw=looks_raw, command=COMMAND, raw_layout=RAW_LAYOUT,
+            cache_layout=CACHE_LAYOUT, obtained=f"from {SOURCE}", prepare="balance-prepare iemocap",
+            download="release")
 
     def _check_root(self) -> dict:
         return read_cache_meta(self.root, ("meta.json", "utterances.csv", "audio", "visual"), "iemocap",

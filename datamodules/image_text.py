@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from datamodules.base import MultimodalDataModule
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
+    missing_cache_error,
     read_cache_meta,
     PrepareReport,
     atomic_output,
@@ -425,17 +426,11 @@ class ImageTextDataModule(MultimodalDataModule):
 
     def _missing_error(self, problem: str) -> FileNotFoundError:
         source = self.source
-        hint = ""
-        if self.root is not None and (self.root / source.raw_marker).exists():
-            hint = (f"\n{self.root} looks like the raw download: prepare it into another directory with "
-                    f"`balance-prepare {source.name} --raw {self.root} --out OUT` and set data.root=OUT.")
-        return FileNotFoundError(
-            f"{source.title}: {problem}.{hint}\n"
-            f"data.root must be a cache prepared from the raw download with\n  {source.command}\n"
-            f"(then data.root=OUT; here: --out {self.root or 'OUT'}), where RAW is laid out as\n{source.raw_layout}\n"
-            f"The cache it writes:\n{source.cache_layout}\n"
-            f"{source.title} is obtained from {source.source}; nothing is downloaded automatically."
-        )
+        return missing_cache_error(
+            problem, title=source.title, root=self.root,
+            looks_raw=self.root is not None and (self.root / source.raw_marker).exists(), command=source.command,
+            raw_layout=source.raw_layout, cache_layout=source.cache_layout, obtained=f"from {source.source}",
+            prepare=f"balance-prepare {source.name}")
 
     def _check_root(self) -> dict:
         return read_cache_meta(self.root, CACHE_FILES, self.source.name, CACHE_VERSION, self.source.title,

@@ -34,6 +34,7 @@ from datamodules.base import MultimodalDataModule
 from datamodules.clips import ClipDataset
 from datamodules.media import MediaError
 from datamodules.preparation import (
+    missing_cache_error,
     read_cache_meta,
     PrepareReport,
     add_common_arguments,
@@ -499,18 +500,10 @@ class KineticsSoundsDataModule(MultimodalDataModule):
         return any(p.name in RAW_SPLITS or class_of(p.name) for p in folders)
 
     def _missing_error(self, problem: str) -> FileNotFoundError:
-        root = self.root if self.root is not None else "OUT"
-        hint = ""
-        if self.root is not None and self.root.is_dir() and self._looks_raw():
-            hint = (f"\n{self.root} looks like the raw download: prepare it into another directory with "
-                    f"`{PROG} --raw {self.root} --out OUT` and set data.root=OUT.")
-        return FileNotFoundError(
-            f"Kinetics-Sounds: {problem}.{hint}\n"
-            f"data.root must be a cache prepared from the raw download with\n  {COMMAND}\n"
-            f"(then data.root=OUT; here: --out {root}), where RAW is laid out as\n{RAW_LAYOUT}\n"
-            f"The cache it writes:\n{CACHE_LAYOUT}\n"
-            f"Kinetics-Sounds is obtained as {SOURCE}; nothing is downloaded automatically."
-        )
+        return missing_cache_error(
+            problem, title="Kinetics-Sounds", root=self.root,
+            looks_raw=self.root is not None and self.root.is_dir() and self._looks_raw(), command=COMMAND,
+            raw_layout=RAW_LAYOUT, cache_layout=CACHE_LAYOUT, obtained=f"as {SOURCE}", prepare=PROG)
 
     def _check_root(self) -> dict:
         return read_cache_meta(self.root, ("meta.json", "clips.csv", "audio", "visual"), "kinetics_sounds",

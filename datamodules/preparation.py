@@ -282,6 +282,36 @@ def check_params(out: Path, params: dict, prog: str) -> None:
     atomic_write_text(path, json.dumps(params, indent=2))
 
 
+def missing_cache_error(problem: str, *, title: str, root: Path | None, looks_raw: bool, command: str,
+                        raw_layout: str, cache_layout: str, obtained: str, prepare: str,
+                        download: str = "download") -> FileNotFoundError:
+    """The error for a missing, incomplete or raw ``data.root``: it names the problem, the raw layout, the
+    preparation command and the cache it writes, and where the data set is obtained.
+
+    Args:
+        problem: what is wrong, one line.
+        title: the data set's name in messages.
+        root: ``data.root`` (None when unset).
+        looks_raw: whether ``root`` holds the raw download instead of a cache (the message then says so).
+        command: the preparation command with placeholders (``... --raw RAW --out OUT``).
+        raw_layout, cache_layout: the layouts, as the data set's documentation draws them.
+        obtained: where the data comes from, completing "<title> is obtained ..." (e.g. ``"from <url>"``).
+        prepare: the preparation command's name and data set (``"balance-prepare crema_d"``).
+        download: what the raw data is called ("download", "release").
+    """
+    hint = ""
+    if root is not None and looks_raw:
+        hint = (f"\n{root} looks like the raw {download}: prepare it into another directory with "
+                f"`{prepare} --raw {root} --out OUT` and set data.root=OUT.")
+    return FileNotFoundError(
+        f"{title}: {problem}.{hint}\n"
+        f"data.root must be a cache prepared from the raw {download} with\n  {command}\n"
+        f"(then data.root=OUT; here: --out {root if root is not None else 'OUT'}), where RAW is laid out as\n"
+        f"{raw_layout}\nThe cache it writes:\n{cache_layout}\n"
+        f"{title} is obtained {obtained}; nothing is downloaded automatically."
+    )
+
+
 def read_cache_meta(root: Path | None, required: Sequence[str], dataset: str, version: int, title: str,
                     missing_error: Callable[[str], Exception]) -> dict:
     """Checks that ``root`` is a complete cache of ``dataset`` at ``version`` and returns its ``meta.json``.
