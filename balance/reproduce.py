@@ -153,9 +153,10 @@ def derived_commands(runs: list[Run], extra: list[str], sources: list[Run]) -> l
 
 
 def evaluation_commands(runs: list[Run], name: str, extra: list[str]) -> list[tuple[list[Run], list[str]]]:
-    """The commands that evaluate every finished run's selected checkpoint (``task=evaluate``) with ``extra``
-    (e.g. more diagnostics) into ``<run>/<name>/``; runs evaluated there already are skipped."""
-    return [([run], _evaluation(run, extra, run.directory / name)) for run in runs
+    """The commands that evaluate every finished run's selected checkpoint (``task=evaluate``) with its row's
+    overrides (so a row that changed test-time options keeps them) and ``extra`` (e.g. more diagnostics) into
+    ``<run>/<name>/``; runs evaluated there already are skipped."""
+    return [([run], _evaluation(run, [*run.row.overrides, *extra], run.directory / name)) for run in runs
             if run.status == "done" and not (run.directory / name / "results.json").is_file()]
 
 

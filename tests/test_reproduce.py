@@ -126,6 +126,10 @@ def test_row_evaluating_another_rows_checkpoints(tmp_path, capsys):
         pytest.approx(100 * trained["test"]["acc"])
     assert table["mla_m0"]["seeds"] == [0], "the table covers every row, whichever rows a call ran"
     assert (out / "figures" / "modality_gap.png").is_file() and (out / "figures" / "contributions.png").is_file()
+    capsys.readouterr()
+    main([str(path), "--seeds", "1", "--out", str(out), "--rows", "mla_m0", "--evaluate", "gap", "--dry-run"])
+    command = next(l for l in capsys.readouterr().out.splitlines() if "train.py" in l)
+    assert "method.fusion=fixed" in command, "an evaluation keeps the row's test-time options"
     with pytest.raises(SystemExit):
         main([str(path), "--seeds", "1", "--out", str(out), "--evaluate", "../x", "--", *TINY])
 
