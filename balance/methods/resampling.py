@@ -87,16 +87,17 @@ class ShapleyResampling(JointTraining):
 
     def _value_online(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor,
                       batch: Mapping[str, Any]) -> None:
+        # Everything stays on the device and every row is valued, so a step never waits for the device; the rows
+        # that are samples themselves (every modality present, not a planned copy) are picked at the epoch's end.
         present = batch.get("present")
-        # Only rows with every modality are the samples themselves; planned copies are not valued.
-        rows = present.all(dim=1) if present is not None else torch.ones_like(batch["label"], dtype=torch.bool)
-        detached = {m: f.detach()[rows] for m, f in features.items()}
-        labels = batch["label"][rows]
+        labels = batch["label"]
+        detached = {m: f.detach() for m, f in features.items()}
         values = subset_values(self.model, detached, labels, self.benefit)
-        self._online.setdefault("index", []).append(batch["index"][rows].cpu())
-        self._online.setdefault("label", []).append(labels.cpu())
-        self._online.setdefault("correct", []).append((logits[rows].argmax(dim=1) == labels).cpu())
-        self._online.setdefault("phi", []).append(shapley_values(values).cpu())
+        step = {"index": batch["index"], "label": labels, "correct": logits.detach().argmax(dim=1) == labels,
+                "phi": shapley_values(values),
+                "sample": present.all(dim=1) if present is not None else torch.ones_like(labels, dtype=torch.bool)}
+        for key, value in step.items():
+            self._online.setdefault(key, []).append(value)
 
     def on_train_epoch_start(self) -> None:
         self._online = {}
@@ -106,6 +107,8 @@ class ShapleyResampling(JointTraining):
             if not self._online:
                 raise RuntimeError("online valuation saw no training sample this epoch")
             parts = {k: torch.cat(v) for k, v in self._online.items()}
+            samples = parts.pop("sample")
+            parts = {k: v[samples].cpu() for k, v in parts.items()}
             order = torch.argsort(parts["index"], stable=True)
             local = ValuationTable(parts["index"][order], parts["label"][order], parts["correct"][order],
                                    parts["phi"][order], list(self.modalities))
