@@ -131,7 +131,7 @@ def mm_shap_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
     names = [row for row, values in rows.items() if f"mm_shap/share_{modalities[0]}" in values] if modalities else []
     if not names:
         return None
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 1.5), 4))
     bottom = np.zeros(len(names))
     for modality in modalities:
         stats = [_mean_std(rows[row][f"mm_shap/share_{modality}"]) for row in names]
@@ -143,9 +143,9 @@ def mm_shap_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of |Shapley values|")
-    ax.set_title("MM-SHAP: each modality's share of the test predictions")
+    ax.set_title("MM-SHAP share of the test predictions")
     ax.tick_params(axis="x", rotation=30)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     return fig
 
