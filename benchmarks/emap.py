@@ -27,12 +27,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from common import timed  # noqa: E402
 from balance.diagnostics.emap import EMAP
 from balance.methods.joint import JointTraining
 from balance.models import ConcatFusion, MultimodalModel, SmallCNNEncoder
@@ -62,15 +61,6 @@ def make_method(num_classes: int, device: torch.device) -> JointTraining:
     model = MultimodalModel(encoders, partial(ConcatFusion), num_classes=num_classes)
     return JointTraining(model=model, optimizer=partial(torch.optim.SGD, lr=0.1)).to(device).eval()
 
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def naive_pairs(method: JointTraining, inputs: dict[str, torch.Tensor], pairs: torch.Tensor,

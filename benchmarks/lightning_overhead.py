@@ -40,14 +40,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import logging
 import os
-import platform
 import pstats
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from common import load_config, machine, quiet  # noqa: E402
 from balance.run import build_datamodule, build_model_config  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-DEFAULT_THREADS = torch.get_num_threads()
 VARIANTS = {
     "cnn": {"overrides": ["data=avdigits", "model=avdigits", "method=joint"], "epochs": 1,
             "about": "SmallCNNEncoder x2 (AV-Digits: [1,64,64] log-mel + [1,8,8] image)"},
@@ -73,20 +68,6 @@ VARIANTS = {
 SIDES = ("plain", "plain+metrics", "lightning")
 
 
-def quiet() -> None:
-    """Silences Lightning's info messages and the warnings it gives for a CPU run without workers."""
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
-    warnings.filterwarnings("ignore", module="lightning_fabric")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-
-
-def load_config(overrides: list[str]):
-    """The composed ``conf/train.yaml`` with ``overrides``, as ``python train.py <overrides>`` would see it."""
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 class Setup:
@@ -305,14 +286,6 @@ def profile_lightning(setup: Setup, epochs: int) -> None:
     print(f"[{setup.name}] (under the profiler) self time in Lightning's Python code: {1e3 * own / steps:.3f} ms "
           f"per step; LightningModule.log: {calls} calls, {1e3 * log_time / steps:.3f} ms per step cumulative")
 
-
-def machine() -> str:
-    """torch, Lightning, CPU count and model, torch threads: the line the README's machine notes come from."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    threads = "torch's default" if torch.get_num_threads() == DEFAULT_THREADS else "set with --threads"
-    return (f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, {os.cpu_count()} CPUs ({cpu}), "
-            f"torch threads {torch.get_num_threads()} ({threads}), Python {platform.python_version()}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from captum.attr import ShapleyValueSampling
 
+from common import timed  # noqa: E402
 from balance.diagnostics.mm_shap import feature_groups, mm_shap_values, permutation_generator
 from balance.methods import JointTraining
 from balance.models import ConcatFusion, MLPEncoder, MultimodalModel, SmallCNNEncoder, TextEncoder
@@ -130,15 +130,6 @@ def variants(method: JointTraining, n_samples: int, perturbations: list[int],
     work[f"inputs {inputs_at}"] = lambda inputs: shapley_on_inputs(method, inputs, n_samples, inputs_at)
     return work
 
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def one_repeat(work: dict[str, Callable[[dict], object]], batches: list[dict],

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from common import timed  # noqa: E402
 from balance.models import ConcatFusion, MultimodalModel, SmallCNNEncoder
 from balance.valuation import ZeroInputCache, modality_shapley
 
@@ -52,15 +52,6 @@ def make_model(num_modalities: int, num_classes: int, device: torch.device) -> M
     encoders = {f"m{i}": SmallCNNEncoder(1, channels=(32, 64, 128), out_dim=128) for i in range(num_modalities)}
     return MultimodalModel(encoders, partial(ConcatFusion), num_classes=num_classes).to(device).eval()
 
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def variants(model: MultimodalModel) -> dict[str, Callable[[dict, ZeroInputCache], None]]:
