@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from balance.reproduce_figures import epoch_metrics, write_figures
+from balance.reproduce_figures import epoch_metrics, mean_std, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -160,13 +160,6 @@ def evaluation_commands(runs: list[Run], name: str, extra: list[str]) -> list[tu
             if run.status == "done" and not (run.directory / name / "results.json").is_file()]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def test_scalars(run_directory: Path) -> dict[str, float]:
     """A finished run's test metrics (``results.json``) with those of evaluations of its checkpoint saved in a
     subdirectory (``balance-reproduce --evaluate NAME``: ``<run>/NAME/results.json``), which add diagnostics."""
@@ -196,7 +189,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
             if key in METRICS or "/" in key or re.fullmatch(r"(acc|phi)_\w+", key):
                 entry["values"].setdefault(key, []).append(value)
     for entry in rows.values():
-        entry["stats"] = {key: _mean_std([100 * v for v in values] if key in METRICS or key.startswith("acc_")
+        entry["stats"] = {key: mean_std([100 * v for v in values] if key in METRICS or key.startswith("acc_")
                                          else values)
                           for key, values in entry["values"].items()}
     return {"selection": sorted(selections), "rows": rows}

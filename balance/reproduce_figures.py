@@ -57,8 +57,18 @@ def mean_curve(curves: Sequence[Mapping[int, float]]) -> tuple[np.ndarray, np.nd
     return np.array(epochs), table.mean(axis=0), std
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _error_bar(values: Sequence[float]) -> tuple[float, float]:
+    """:func:`mean_std` with no error bar (0) for a single seed."""
+    mean, std = mean_std(values)
+    return mean, 0.0 if math.isnan(std) else std
 
 
 def _captured(rows: Mapping[str, Values], pattern: str) -> list[str]:
@@ -101,7 +111,7 @@ def _bars(ax: plt.Axes, rows: Mapping[str, Values], keys: Sequence[str], labels:
     names = [row for row, values in rows.items() if any(k in values for k in keys)]
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(zip(keys, labels)):
-        stats = [_mean_std(rows[row][key]) if key in rows[row] else (math.nan, 0.0) for row in names]
+        stats = [_error_bar(rows[row][key]) if key in rows[row] else (math.nan, 0.0) for row in names]
         positions = np.arange(len(names)) + (i - (len(keys) - 1) / 2) * width
         ax.bar(positions, [scale * m for m, _ in stats], width, yerr=[scale * s for _, s in stats], capsize=3,
                label=label)
@@ -134,7 +144,7 @@ def mm_shap_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 1.5), 4))
     bottom = np.zeros(len(names))
     for modality in modalities:
-        stats = [_mean_std(rows[row][f"mm_shap/share_{modality}"]) for row in names]
+        stats = [_error_bar(rows[row][f"mm_shap/share_{modality}"]) for row in names]
         means = np.array([m for m, _ in stats])
         ax.bar(names, means, 0.6, bottom=bottom, yerr=[s for _, s in stats], capsize=3, label=modality)
         for x, (y, m) in enumerate(zip(bottom, means)):
@@ -160,7 +170,7 @@ def missing_modality_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
         present = [r for r in rates if f"missing_modality/acc_r{r}" in values]
         if not present:
             continue
-        stats = [_mean_std(values[f"missing_modality/acc_r{r}"]) for r in present]
+        stats = [_error_bar(values[f"missing_modality/acc_r{r}"]) for r in present]
         ax.errorbar([float(r) for r in present], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
                     marker="o", capsize=3, label=row)
     ax.set_xlabel("missing rate (share of (sample, modality) slots)")
