@@ -18,22 +18,20 @@ import argparse
 import csv
 import functools
 import json
-import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import MultimodalDataModule
+from datamodules.cache import PreparedCacheDataModule
 from datamodules.clips import ClipDataset
 from datamodules.media import MediaError
 from datamodules.preparation import (
     missing_cache_error,
-    read_cache_meta,
     PrepareReport,
     add_common_arguments,
     atomic_output,
@@ -44,8 +42,6 @@ from datamodules.preparation import (
     run_items,
 )
 from datamodules.splits import group_split, random_split, stratified_split
-
-log = logging.getLogger(__name__)
 
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE's class indices
 CLASS_WORDS = {"Neutral": "NEU", "Happy": "HAP", "Sad": "SAD", "Fear": "FEA", "Disgust": "DIS", "Anger": "ANG"}
@@ -280,7 +276,7 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
 # Dataset and datamodule
 
 
-class CremaDDataModule(MultimodalDataModule):
+class CremaDDataModule(PreparedCacheDataModule):
     """CREMA-D from the prepared cache: audio spectrogram ``[1, 257, 188]`` + frames ``[T, 3, S, S]``, 6 classes.
 
     Args:
@@ -296,60 +292,36 @@ class CremaDDataModule(MultimodalDataModule):
             validation.
         test_fraction: fraction in test (unused with ``files``).
         num_frames: frames per clip (``T``); OGM-GE uses 1 on CREMA-D, MLA 3.
-        image_size: side of the square frames fed to the model.
-        augment: random resized crop + horizontal flip on training frames (the papers'); evaluation always uses
-            resize + centre crop.
-        **kwargs: the base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
+        **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s (``image_size``, ``augment``) and the
+            base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
     modalities = ["audio", "visual"]
     num_classes = 6
+    title = "CREMA-D"
+    cache_name = "crema_d"
+    cache_version = CACHE_VERSION
+    cache_files = ("meta.json", "clips.csv", "audio", "visual")
+    split_choices = ("stratified", "actor", "random", "files")
+    splits_help = SPLITS_HELP
 
-    def __init__(
-        self,
-        root: str | None = None,
-        split: str = "stratified",
-        split_files: Mapping[str, str] | Sequence[str] | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        num_frames: int = 1,
-        image_size: int = 224,
-        augment: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        if split_files is not None:
-            split = "files"
-        if split not in ("stratified", "actor", "random", "files"):
-            raise ValueError(f"unknown CREMA-D split {split!r}: choose {SPLITS_HELP}")
-        if split == "files" and split_files is None:
-            raise ValueError("split=files needs split_files: {train: path, test: path}")
+    def __init__(self, root: str | None = None, split: str = "stratified", test_fraction: float = 0.1,
+                 num_frames: int = 1, **kwargs) -> None:
+        super().__init__(root=root, split=split, **kwargs)
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        self.root = None if root is None else Path(root).expanduser()
-        self.split = split
-        self.split_files = split_files
-        self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.num_frames = num_frames
-        self.image_size = image_size
-        self.augment = augment
         self.split_clips: dict[str, list[str]] = {}
 
     # -- the cache -------------------------------------------------------------------------------------------------
 
     def _missing_error(self, problem: str) -> FileNotFoundError:
         return missing_cache_error(
-            problem, title="CREMA-D", root=self.root,
-            looks_raw=self.root is not None and (self.root / "AudioWAV").is_dir(), command=COMMAND, raw_layout=RAW_LAYOUT, cache_layout=CACHE_LAYOUT, obtained=f"from {SOURCE}",
+            problem, title=self.title, root=self.root,
+            looks_raw=self.root is not None and (self.root / "AudioWAV").is_dir(), command=COMMAND,
+            raw_layout=RAW_LAYOUT, cache_layout=CACHE_LAYOUT, obtained=f"from {SOURCE}",
             prepare="balance-prepare crema_d")
-
-    def _check_root(self) -> dict:
-        return read_cache_meta(self.root, ("meta.json", "clips.csv", "audio", "visual"), "crema_d", CACHE_VERSION,
-                               "CREMA-D", self._missing_error)
-
-    def prepare_data(self) -> None:
-        self._check_root()
 
     def _read_clips(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         with open(self.root / "clips.csv", newline="") as f:
@@ -376,35 +348,8 @@ class CremaDDataModule(MultimodalDataModule):
             return group_split(actors, fractions, self.seed)
         if self.split == "random":
             return random_split(len(clips), fractions, self.seed)
-        return self._file_split(clips, labels)
-
-    def _file_split(self, clips: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
-        files = self.split_files
-        if not isinstance(files, Mapping):
-            files = dict(zip(("train", "test"), files))
-        unknown = set(files) - {"train", "val", "test"}
-        if unknown or not {"train", "test"} <= set(files):
-            raise ValueError(f"split_files needs train and test (and optionally val), got {sorted(files)}")
-        position = {clip: i for i, clip in enumerate(clips)}
-        parts, seen = {}, set()
-        for name, path in files.items():
-            listed = [clip for clip, _ in read_split_file(path)]
-            absent = [c for c in listed if c not in position]
-            if absent:
-                log.warning("CREMA-D: %d clips of %s are not in the cache %s (e.g. %s): skipped", len(absent), path,
-                            self.root, absent[:3])
-            indices = np.array(sorted({position[c] for c in listed if c in position}), dtype=np.int64)
-            overlap = seen & set(indices.tolist())
-            if overlap:
-                raise ValueError(f"split file {path} repeats {len(overlap)} clips of another split file")
-            seen |= set(indices.tolist())
-            parts[name] = indices
-        if "val" not in parts:
-            train = parts["train"]
-            carved = stratified_split(labels[train], {"train": 1 - self.val_fraction, "val": self.val_fraction},
-                                      self.seed)
-            parts["train"], parts["val"] = train[carved["train"]], train[carved["val"]]
-        return parts
+        # read_split_file checks each label against its clip id
+        return self.file_split({clip: i for i, clip in enumerate(clips)}, labels, read_split_file)
 
     # -- datasets --------------------------------------------------------------------------------------------------
 
@@ -414,14 +359,5 @@ class CremaDDataModule(MultimodalDataModule):
         parts = self._split_indices(clips, actors, labels)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
         self.split_actors = {name: sorted(set(actors[idx].tolist())) for name, idx in parts.items()}
-
-        def dataset(idx: np.ndarray, train: bool) -> ClipDataset:
-            return ClipDataset(self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames,
-                                 self.image_size, train)
-
-        datasets = {name: dataset(parts[name], train=(name == "train" and self.augment))
-                    for name in ("train", "val", "test")}
-        if self.augment:
-            datasets["train_eval"] = dataset(parts["train"], train=False)
-        return datasets
-
+        return self.split_datasets(parts, lambda idx, train: ClipDataset(
+            self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train))

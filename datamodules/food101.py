@@ -204,7 +204,7 @@ class Food101DataModule(ImageTextDataModule):
 
     def split_indices(self, rows: list[dict[str, str]], labels: np.ndarray) -> dict[str, np.ndarray]:
         if self.split == "files":
-            return self.file_split(rows, labels)
+            return self.split_by_files(rows, labels)
         part = np.array([row["part"] for row in rows])
         parts = self.carve_val(np.flatnonzero(part == "train"), labels)
         parts["test"] = np.flatnonzero(part == "test")

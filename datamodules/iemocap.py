@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import MultimodalDataModule
+from datamodules.cache import PreparedCacheDataModule
 from datamodules.clips import ClipDataset
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
     missing_cache_error,
-    read_cache_meta,
     PrepareReport,
     add_common_arguments,
     atomic_output,
@@ -50,7 +49,7 @@ from datamodules.preparation import (
     remove_stale_temporaries,
     run_items,
 )
-from datamodules.splits import random_split, stratified_split
+from datamodules.splits import random_split
 from datamodules.text import Vocabulary
 
 CLASSES = ("neutral", "angry", "sad", "happy")
@@ -545,7 +544,7 @@ class IEMOCAPDataset(ClipDataset):
         return item
 
 
-class IEMOCAPDataModule(MultimodalDataModule):
+class IEMOCAPDataModule(PreparedCacheDataModule):
     """IEMOCAP from the prepared cache: filter bank ``[1, 128, 1024]`` + frames ``[T, 3, S, S]`` + transcript
     token ids ``[max_length]``, 4 classes (neutral, angry, sad, happy with excited merged).
 
@@ -574,6 +573,13 @@ class IEMOCAPDataModule(MultimodalDataModule):
 
     modalities = ["audio", "visual", "text"]
     num_classes = 4
+    title = "IEMOCAP"
+    cache_name = "iemocap"
+    cache_version = CACHE_VERSION
+    cache_files = ("meta.json", "utterances.csv", "audio", "visual")
+    split_choices = ("session", "random")
+    splits_help = SPLITS_HELP
+    item_noun = "utterance"
 
     def __init__(
         self,
@@ -584,31 +590,22 @@ class IEMOCAPDataModule(MultimodalDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         num_frames: int = 1,
-        image_size: int = 224,
-        augment: bool = True,
         max_length: int = 64,
         min_count: int = 1,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        if split not in ("session", "random"):
-            raise ValueError(f"unknown IEMOCAP split {split!r}: choose {SPLITS_HELP}")
+        super().__init__(root=root, split=split, val_fraction=val_fraction, **kwargs)
         if val_session is not None and val_session == test_session:
             raise ValueError(f"val_session and test_session are both {test_session}: choose two sessions")
-        if not 0 < val_fraction < 1 or (split == "random" and not 0 < test_fraction < 1 - val_fraction):
+        if split == "random" and not 0 < test_fraction < 1 - val_fraction:
             raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in (0, 1) and "
                              "leave a training part")
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        self.root = None if root is None else Path(root).expanduser()
-        self.split = split
         self.test_session = test_session
         self.val_session = val_session
-        self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.num_frames = num_frames
-        self.image_size = image_size
-        self.augment = augment
         self.max_length = max_length
         self.min_count = min_count
         self.vocab: Vocabulary | None = None
@@ -629,13 +626,6 @@ class IEMOCAPDataModule(MultimodalDataModule):
             problem, title="IEMOCAP", root=self.root, looks_raw=looks_raw, command=COMMAND, raw_layout=RAW_LAYOUT,
             cache_layout=CACHE_LAYOUT, obtained=f"from {SOURCE}", prepare="balance-prepare iemocap",
             download="release")
-
-    def _check_root(self) -> dict:
-        return read_cache_meta(self.root, ("meta.json", "utterances.csv", "audio", "visual"), "iemocap",
-                               CACHE_VERSION, "IEMOCAP", self._missing_error)
-
-    def prepare_data(self) -> None:
-        self._check_root()
 
     def _read_utterances(self) -> list[dict[str, str]]:
         with open(self.root / "utterances.csv", newline="") as f:
@@ -662,10 +652,8 @@ class IEMOCAPDataModule(MultimodalDataModule):
             val = np.flatnonzero(sessions == self.val_session)
             train = np.flatnonzero((sessions != self.test_session) & (sessions != self.val_session))
         else:
-            rest = np.flatnonzero(sessions != self.test_session)
-            carved = stratified_split(labels[rest], {"train": 1 - self.val_fraction, "val": self.val_fraction},
-                                      self.seed)
-            train, val = rest[carved["train"]], rest[carved["val"]]
+            carved = self.carve_val(np.flatnonzero(sessions != self.test_session), labels)
+            train, val = carved["train"], carved["val"]
         if len(train) == 0:
             raise ValueError(f"no training utterances left: the cache {self.root} holds sessions {present}")
         return {"train": train, "val": val, "test": test}
@@ -685,13 +673,7 @@ class IEMOCAPDataModule(MultimodalDataModule):
         tokens = self.vocab.encode_batch(texts, self.max_length)
         frames = np.full(len(rows), int(meta["frames"]))
 
-        def dataset(idx: np.ndarray, train: bool) -> IEMOCAPDataset:
-            return IEMOCAPDataset(self.root, [names[i] for i in idx], labels[idx], frames[idx], self.num_frames,
-                                  self.image_size, train, tokens=tokens[torch.from_numpy(idx)])
-
-        datasets = {name: dataset(parts[name], train=(name == "train" and self.augment))
-                    for name in ("train", "val", "test")}
-        if self.augment:
-            datasets["train_eval"] = dataset(parts["train"], train=False)
-        return datasets
+        return self.split_datasets(parts, lambda idx, train: IEMOCAPDataset(
+            self.root, [names[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
+            tokens=tokens[torch.from_numpy(idx)]))
 

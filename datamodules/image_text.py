@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import MultimodalDataModule
+from datamodules.cache import PreparedCacheDataModule
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
     missing_cache_error,
-    read_cache_meta,
     PrepareReport,
     atomic_output,
     atomic_write_text,
@@ -42,7 +41,6 @@ from datamodules.preparation import (
     remove_stale_temporaries,
     run_items,
 )
-from datamodules.splits import stratified_split
 from datamodules.text import PAD_ID, UNK_ID, Vocabulary, tokenize
 from datamodules.transforms import frame_transform
 
@@ -352,12 +350,12 @@ class ImageTextDataset(Dataset):
                 "label": int(self.labels[index])}
 
 
-class ImageTextDataModule(MultimodalDataModule):
+class ImageTextDataModule(PreparedCacheDataModule):
     """Base of the image + text datamodules: reads the prepared cache, builds the training vocabulary, serves
     ``{"visual": [3, S, S], "text": LongTensor[max_length]}``.
 
     A subclass sets ``source`` and ``num_classes`` (the full data set's; the cache's class list replaces it in
-    ``setup``), and implements :meth:`split_indices`.
+    ``setup``) and ``split_choices``, and implements :meth:`split_indices`.
 
     Args:
         root: the prepared cache (``balance-prepare <name> --raw RAW --out OUT``; ``OUT`` here).
@@ -377,44 +375,29 @@ class ImageTextDataModule(MultimodalDataModule):
     """
 
     modalities = ["visual", "text"]
+    item_noun = "item"
+    cache_version = CACHE_VERSION
+    cache_files = CACHE_FILES
     source: ImageTextSource
-    split_choices: tuple[str, ...]
 
-    def __init__(
-        self,
-        root: str | None = None,
-        split: str | None = None,
-        split_files: Mapping[str, str] | Sequence[str] | None = None,
-        val_fraction: float = 0.1,
-        max_length: int = 64,
-        min_count: int = 1,
-        image_size: int = 224,
-        augment: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        if split_files is not None:
-            split = "files"
-        split = split or self.split_choices[0]
-        if split not in self.split_choices:
-            raise ValueError(f"unknown {self.source.title} split {split!r}: choose one of {list(self.split_choices)}")
-        if split == "files" and split_files is None:
-            raise ValueError("split=files needs split_files: {train: path, test: path}")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    def __init__(self, root: str | None = None, split: str | None = None, max_length: int = 64, min_count: int = 1,
+                 **kwargs) -> None:
+        super().__init__(root=root, split=split, **kwargs)
         if max_length < 1 or min_count < 1:
             raise ValueError(f"max_length and min_count must be >= 1, got {max_length} and {min_count}")
-        self.root = None if root is None else Path(root).expanduser()
-        self.split = split
-        self.split_files = split_files
-        self.val_fraction = val_fraction
         self.max_length = max_length
         self.min_count = min_count
-        self.image_size = image_size
-        self.augment = augment
         self.classes: list[str] = []
         self.vocab: Vocabulary | None = None
         self.split_items: dict[str, list[str]] = {}
+
+    @property
+    def title(self) -> str:
+        return self.source.title
+
+    @property
+    def cache_name(self) -> str:
+        return self.source.name
 
     @property
     def encoder_kwargs(self) -> dict[str, dict[str, int]]:
@@ -431,13 +414,6 @@ class ImageTextDataModule(MultimodalDataModule):
             looks_raw=self.root is not None and (self.root / source.raw_marker).exists(), command=source.command,
             raw_layout=source.raw_layout, cache_layout=source.cache_layout, obtained=f"from {source.source}",
             prepare=f"balance-prepare {source.name}")
-
-    def _check_root(self) -> dict:
-        return read_cache_meta(self.root, CACHE_FILES, self.source.name, CACHE_VERSION, self.source.title,
-                               self._missing_error)
-
-    def prepare_data(self) -> None:
-        self._check_root()
 
     def _read_cache(self) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray, Vocabulary]:
         with open(self.root / "items.csv", newline="", encoding="utf-8") as f:
@@ -462,42 +438,18 @@ class ImageTextDataModule(MultimodalDataModule):
         """``{"train", "val", "test"}`` -> row indices of ``items.csv`` for ``self.split``."""
         raise NotImplementedError
 
-    def carve_val(self, train: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """Moves ``val_fraction`` of ``train`` (row indices) to validation, stratified by class and seeded."""
-        parts = stratified_split(labels[train], {"train": 1 - self.val_fraction, "val": self.val_fraction},
-                                 self.seed)
-        return {"train": train[parts["train"]], "val": train[parts["val"]]}
+    def split_by_files(self, rows: list[dict[str, str]], labels: np.ndarray) -> dict[str, np.ndarray]:
+        """The split given by ``split_files``; labels that differ from the cache's are reported as warnings (the
+        cache's are used)."""
 
-    def file_split(self, rows: list[dict[str, str]], labels: np.ndarray) -> dict[str, np.ndarray]:
-        """The split given by ``split_files``; listed items missing from the cache and labels that differ from the
-        cache's are reported as warnings (the cache's labels are used)."""
-        files = self.split_files
-        if not isinstance(files, Mapping):
-            files = dict(zip(("train", "test") if len(files) == 2 else ("train", "val", "test"), files))
-        files = {("val" if name == "dev" else name): path for name, path in files.items()}
-        if set(files) - {"train", "val", "test"} or not {"train", "test"} <= set(files):
-            raise ValueError(f"split_files needs train and test (and optionally val or dev), got {sorted(files)}")
-        position = {row["item"]: i for i, row in enumerate(rows)}
-        parts, seen = {}, set()
-        for name, path in files.items():
-            listed = read_split_file(path)
-            absent = [item for item, _ in listed if item not in position]
-            if absent:
-                log.warning("%s: %d items of %s are not in the cache %s (e.g. %s): skipped", self.source.title,
-                            len(absent), path, self.root, absent[:3])
-            differ = [item for item, label in listed if item in position and rows[position[item]]["label"] != label]
+        def check_labels(path: str, listed: list[tuple[str, str, int]]) -> None:
+            differ = [item for item, label, index in listed if rows[index]["label"] != label]
             if differ:
                 log.warning("%s: %d labels of %s differ from the cache's (e.g. %s); the cache's are used",
-                            self.source.title, len(differ), path, differ[:3])
-            indices = np.array(sorted({position[item] for item, _ in listed if item in position}), dtype=np.int64)
-            overlap = seen & set(indices.tolist())
-            if overlap:
-                raise ValueError(f"split file {path} repeats {len(overlap)} items of another split file")
-            seen |= set(indices.tolist())
-            parts[name] = indices
-        if "val" not in parts:
-            parts.update(self.carve_val(parts["train"], labels))
-        return parts
+                            self.title, len(differ), path, differ[:3])
+
+        return self.file_split({row["item"]: i for i, row in enumerate(rows)}, labels, read_split_file,
+                               check_labels)
 
     # -- datasets --------------------------------------------------------------------------------------------------
 
@@ -511,13 +463,6 @@ class ImageTextDataModule(MultimodalDataModule):
         tokens = remap[tokens]
         self.split_items = {name: [rows[i]["item"] for i in idx] for name, idx in parts.items()}
 
-        def dataset(idx: np.ndarray, train: bool) -> ImageTextDataset:
-            return ImageTextDataset(self.root / "images", [rows[i]["item"] for i in idx], tokens[idx], labels[idx],
-                                    self.image_size, train)
-
-        datasets = {name: dataset(parts[name], train=(name == "train" and self.augment))
-                    for name in ("train", "val", "test")}
-        if self.augment:
-            datasets["train_eval"] = dataset(parts["train"], train=False)
-        return datasets
+        return self.split_datasets(parts, lambda idx, train: ImageTextDataset(
+            self.root / "images", [rows[i]["item"] for i in idx], tokens[idx], labels[idx], self.image_size, train))
 

@@ -20,9 +20,8 @@ import csv
 import functools
 import io
 import json
-import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import MultimodalDataModule
+from datamodules.cache import PreparedCacheDataModule
 from datamodules.clips import ClipDataset
 from datamodules.media import MediaError
 from datamodules.preparation import (
     missing_cache_error,
-    read_cache_meta,
     PrepareReport,
     add_common_arguments,
     atomic_output,
@@ -46,8 +44,6 @@ from datamodules.preparation import (
     run_items,
 )
 from datamodules.splits import stratified_split
-
-log = logging.getLogger(__name__)
 
 # The 31 Kinetics-400 classes of Kinetics-Sounds, sorted. The 34 classes of Arandjelović and Zisserman (2017)
 # were named in a pre-release of Kinetics; these are their Kinetics-400 names, the 31-class list that AdaMML's
@@ -436,7 +432,7 @@ class KineticsSoundsDataset(ClipDataset):
         return frame_indices(available, self.num_frames, self.train)
 
 
-class KineticsSoundsDataModule(MultimodalDataModule):
+class KineticsSoundsDataModule(PreparedCacheDataModule):
     """Kinetics-Sounds from the prepared cache: fbank ``[1, 1024, 128]`` + frames ``[T, 3, S, S]``, 31 classes.
 
     Args:
@@ -452,45 +448,29 @@ class KineticsSoundsDataModule(MultimodalDataModule):
         val_fraction: fraction of the clips (of the training clips for ``official`` and ``files``) in validation.
         test_fraction: fraction in test (``stratified`` only).
         num_frames: frames per clip (``T``), one per ``T``-th of the clip; OGM-GE uses 3.
-        image_size: side of the square frames fed to the model.
         augment: training items draw their frames at random within the segments and get random resized crop +
             horizontal flip (the papers'); without it, and always in evaluation: the segments' middle frames, resize
             + centre crop.
-        **kwargs: the base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
+        **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s (``image_size``) and the base
+            datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
     modalities = ["audio", "visual"]
     num_classes = len(CLASSES)
+    title = "Kinetics-Sounds"
+    cache_name = "kinetics_sounds"
+    cache_version = CACHE_VERSION
+    cache_files = ("meta.json", "clips.csv", "audio", "visual")
+    split_choices = ("stratified", "official", "files")
+    splits_help = SPLITS_HELP
 
-    def __init__(
-        self,
-        root: str | None = None,
-        split: str = "stratified",
-        split_files: Mapping[str, str] | Sequence[str] | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        num_frames: int = 3,
-        image_size: int = 224,
-        augment: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        if split_files is not None:
-            split = "files"
-        if split not in ("stratified", "official", "files"):
-            raise ValueError(f"unknown Kinetics-Sounds split {split!r}: choose {SPLITS_HELP}")
-        if split == "files" and split_files is None:
-            raise ValueError("split=files needs split_files: {train: path, test: path}")
+    def __init__(self, root: str | None = None, split: str = "stratified", test_fraction: float = 0.1,
+                 num_frames: int = 3, **kwargs) -> None:
+        super().__init__(root=root, split=split, **kwargs)
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        self.root = None if root is None else Path(root).expanduser()
-        self.split = split
-        self.split_files = split_files
-        self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.num_frames = num_frames
-        self.image_size = image_size
-        self.augment = augment
         self.split_clips: dict[str, list[str]] = {}
 
     # -- the cache -------------------------------------------------------------------------------------------------
@@ -501,16 +481,9 @@ class KineticsSoundsDataModule(MultimodalDataModule):
 
     def _missing_error(self, problem: str) -> FileNotFoundError:
         return missing_cache_error(
-            problem, title="Kinetics-Sounds", root=self.root,
+            problem, title=self.title, root=self.root,
             looks_raw=self.root is not None and self.root.is_dir() and self._looks_raw(), command=COMMAND,
             raw_layout=RAW_LAYOUT, cache_layout=CACHE_LAYOUT, obtained=f"as {SOURCE}", prepare=PROG)
-
-    def _check_root(self) -> dict:
-        return read_cache_meta(self.root, ("meta.json", "clips.csv", "audio", "visual"), "kinetics_sounds",
-                               CACHE_VERSION, "Kinetics-Sounds", self._missing_error)
-
-    def prepare_data(self) -> None:
-        self._check_root()
 
     def _read_clips(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         with open(self.root / "clips.csv", newline="") as f:
@@ -535,14 +508,14 @@ class KineticsSoundsDataModule(MultimodalDataModule):
             return stratified_split(labels, fractions, self.seed)
         if self.split == "official":
             return self._official_split(labels, raw_splits)
-        return self._file_split(clips, labels)
+        check = _LabelCheck()
 
-    def _carve_val(self, parts: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
-        """Validation as a stratified ``val_fraction`` of the training part (the papers had none)."""
-        train = parts["train"]
-        carved = stratified_split(labels[train], {"train": 1 - self.val_fraction, "val": self.val_fraction},
-                                  self.seed)
-        return {**parts, "train": train[carved["train"]], "val": train[carved["val"]]}
+        def check_labels(path: str, listed: list[tuple[str, str, int]]) -> None:
+            for key, label, index in listed:
+                check(str(path), key, label, CLASSES[labels[index]])
+
+        return self.file_split({clip_key(clip): i for i, clip in enumerate(clips)}, labels, read_list_file,
+                               check_labels)
 
     def _official_split(self, labels: np.ndarray, raw_splits: np.ndarray) -> dict[str, np.ndarray]:
         present = sorted(set(raw_splits.tolist()) - {""})
@@ -553,36 +526,9 @@ class KineticsSoundsDataModule(MultimodalDataModule):
         parts = {name: np.flatnonzero(raw_splits == name) for name in present}
         if "test" not in parts:
             parts["test"] = parts.pop("val")  # Kinetics' val set is the usual test set
-        return parts if "val" in parts else self._carve_val(parts, labels)
-
-    def _file_split(self, clips: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
-        files = self.split_files
-        if not isinstance(files, Mapping):
-            files = dict(zip(("train", "test"), files))
-        unknown = set(files) - {"train", "val", "test"}
-        if unknown or not {"train", "test"} <= set(files):
-            raise ValueError(f"split_files needs train and test (and optionally val), got {sorted(files)}")
-        position = {clip_key(clip): i for i, clip in enumerate(clips)}
-        check = _LabelCheck()
-        parts, seen = {}, set()
-        for name, path in files.items():
-            listed = read_list_file(path)
-            absent = [key for key, _ in listed if key not in position]
-            if absent:
-                log.warning("Kinetics-Sounds: %d clips of %s are not in the cache %s (e.g. %s): skipped",
-                            len(absent), path, self.root, absent[:3])
-            for key, label in listed:
-                if key in position and label is not None:
-                    check(str(path), key, label, CLASSES[labels[position[key]]])
-            indices = np.array(sorted({position[key] for key, _ in listed if key in position}), dtype=np.int64)
-            overlap = seen & set(indices.tolist())
-            if overlap:
-                raise ValueError(f"list file {path} repeats {len(overlap)} clips of another list file")
-            seen |= set(indices.tolist())
-            parts[name] = indices
-        if len(seen) < len(clips):
-            log.info("Kinetics-Sounds: %d cached clips are in no list file: left out", len(clips) - len(seen))
-        return parts if "val" in parts else self._carve_val(parts, labels)
+        if "val" not in parts:
+            parts.update(self.carve_val(parts["train"], labels))
+        return parts
 
     # -- datasets --------------------------------------------------------------------------------------------------
 
@@ -591,14 +537,5 @@ class KineticsSoundsDataModule(MultimodalDataModule):
         clips, labels, raw_splits, frames = self._read_clips()
         parts = self._split_indices(clips, labels, raw_splits)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
-
-        def dataset(idx: np.ndarray, train: bool) -> KineticsSoundsDataset:
-            return KineticsSoundsDataset(self.root, [clips[i] for i in idx], labels[idx], frames[idx],
-                                         self.num_frames, self.image_size, train)
-
-        datasets = {name: dataset(parts[name], train=(name == "train" and self.augment))
-                    for name in ("train", "val", "test")}
-        if self.augment:
-            datasets["train_eval"] = dataset(parts["train"], train=False)
-        return datasets
-
+        return self.split_datasets(parts, lambda idx, train: KineticsSoundsDataset(
+            self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train))

@@ -216,7 +216,7 @@ class MVSADataModule(ImageTextDataModule):
 
     def split_indices(self, rows: list[dict[str, str]], labels: np.ndarray) -> dict[str, np.ndarray]:
         if self.split == "files":
-            return self.file_split(rows, labels)
+            return self.split_by_files(rows, labels)
         fractions = {"train": 1 - self.val_fraction - self.test_fraction, "val": self.val_fraction,
                      "test": self.test_fraction}
         if self.split == "random":
