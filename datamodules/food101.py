@@ -16,7 +16,6 @@ user-supplied split files in MMBT's jsonl or MLA's txt format (``my_train_food.t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 from collections.abc import Sequence
@@ -31,9 +30,10 @@ from datamodules.image_text import (
     Pair,
     clean_text,
     decode_text,
+    prepare_command,
     write_cache,
 )
-from datamodules.preparation import PrepareReport, add_common_arguments
+from datamodules.preparation import PrepareReport
 
 PARTS = ("train", "test")
 RAW_LAYOUT = """\
@@ -163,24 +163,8 @@ def prepare(
 
 def prepare_main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare food101 --raw RAW --out OUT [--workers N] [--short-side 256] [--max-length 128]``."""
-    parser = argparse.ArgumentParser(
-        prog="balance-prepare food101",
-        description="Prepare UPMC Food-101 (images/{train,test}/<class>/, texts/{train,test}_titles.csv) into "
-                    "resized JPEGs and token ids.",
-        epilog=f"Raw layout:\n{RAW_LAYOUT}\n\nCache layout:\n{SOURCE.cache_layout}\n\nSource: {SOURCE.source}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--short-side", type=int, default=256,
-                        help="resize images so the short side has this many pixels (0: keep; default 256)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens stored per text (default 128)")
-    args = parser.parse_args(argv)
-    try:
-        prepare(args.raw, args.out, args.workers, args.short_side, args.jpeg_quality, args.max_length)
-    except FileNotFoundError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    print(f"train with: python train.py data=food101 model=food101 data.root={Path(args.out).expanduser().resolve()}")
+    prepare_command(SOURCE, "Prepare UPMC Food-101 (images/{train,test}/<class>/, texts/{train,test}_titles.csv) into "
+                    "resized JPEGs and token ids.", prepare, argv)
 
 
 class Food101DataModule(ImageTextDataModule):

@@ -13,6 +13,7 @@ column of ``items.csv``, whose row ``i`` is row ``i`` of ``tokens.npy``.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import html
@@ -20,7 +21,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 from datamodules.cache import PreparedCacheDataModule
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
+    add_common_arguments,
     missing_cache_error,
     PrepareReport,
     atomic_output,
@@ -317,6 +319,31 @@ def training_vocabulary(words: Vocabulary, train_tokens: np.ndarray, min_count: 
     remap[PAD_ID] = PAD_ID
     remap[kept] = np.arange(2, 2 + len(kept), dtype=np.int32)
     return Vocabulary([words.itos[i] for i in kept]), remap
+
+
+def prepare_command(source: ImageTextSource, description: str, prepare: Callable[..., PrepareReport],
+                    argv: Sequence[str] | None = None) -> None:
+    """The ``balance-prepare <name>`` command of an image + text data set: parses ``--raw --out --workers
+    --short-side --jpeg-quality --max-length`` and calls ``prepare(raw, out, workers, short_side, quality,
+    max_length)``."""
+    parser = argparse.ArgumentParser(
+        prog=f"balance-prepare {source.name}",
+        description=description,
+        epilog=f"Raw layout:\n{source.raw_layout}\n\nCache layout:\n{source.cache_layout}\n\nSource: {source.source}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--short-side", type=int, default=256,
+                        help="resize images so the short side has this many pixels (0: keep; default 256)")
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens stored per text (default 128)")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.raw, args.out, args.workers, args.short_side, args.jpeg_quality, args.max_length)
+    except FileNotFoundError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    print(f"train with: python train.py data={source.name} model={source.name} "
+          f"data.root={Path(args.out).expanduser().resolve()}")
 
 
 class ImageTextDataset(Dataset):

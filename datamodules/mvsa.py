@@ -21,15 +21,22 @@ in MMBT's jsonl or MLA's txt format (MLA's ``my_train_mvsa.txt``/``my_test_mvsa.
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.image_text import ImageTextDataModule, ImageTextSource, Pair, clean_text, decode_text, write_cache
-from datamodules.preparation import PrepareReport, add_common_arguments
+from datamodules.image_text import (
+    ImageTextDataModule,
+    ImageTextSource,
+    Pair,
+    clean_text,
+    decode_text,
+    prepare_command,
+    write_cache,
+)
+from datamodules.preparation import PrepareReport
 from datamodules.splits import random_split, stratified_split
 
 CLASSES = ("negative", "neutral", "positive")
@@ -167,24 +174,8 @@ def prepare(
 
 def prepare_main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare mvsa --raw RAW --out OUT [--workers N] [--short-side 256] [--max-length 128]``."""
-    parser = argparse.ArgumentParser(
-        prog="balance-prepare mvsa",
-        description="Prepare MVSA-Single (labelResultAll.txt, data/<id>.jpg, data/<id>.txt) into resized JPEGs and "
-                    "token ids, with one label per pair.",
-        epilog=f"Raw layout:\n{RAW_LAYOUT}\n\nCache layout:\n{SOURCE.cache_layout}\n\nSource: {SOURCE.source}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--short-side", type=int, default=256,
-                        help="resize images so the short side has this many pixels (0: keep; default 256)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens stored per text (default 128)")
-    args = parser.parse_args(argv)
-    try:
-        prepare(args.raw, args.out, args.workers, args.short_side, args.jpeg_quality, args.max_length)
-    except FileNotFoundError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    print(f"train with: python train.py data=mvsa model=mvsa data.root={Path(args.out).expanduser().resolve()}")
+    prepare_command(SOURCE, "Prepare MVSA-Single (labelResultAll.txt, data/<id>.jpg, data/<id>.txt) into resized JPEGs and "
+                    "token ids, with one label per pair.", prepare, argv)
 
 
 class MVSADataModule(ImageTextDataModule):
