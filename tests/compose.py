@@ -19,3 +19,46 @@ def compose_train(overrides: list[str], run_dir: Path | str | None = None) -> Di
     extra = [f"run_dir={run_dir}"] if run_dir is not None else ["run_dir=/tmp/balance-unused"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=[*overrides, *extra])
+
+
+def small_encoder(modality: str, in_channels: int) -> str:
+    """An override giving ``modality`` a small CNN encoder (after ``~model.encoders``), to keep runs fast."""
+    return (f"+model.encoders.{modality}={{_target_:balance.models.SmallCNNEncoder,in_channels:{in_channels},"
+            "channels:[8,16],out_dim:16}")
+
+
+def model_logits_on_a_batch(overrides: list[str]):
+    """Builds the config's datamodule and method and runs the model on one validation batch.
+
+    Returns:
+        ``(datamodule, method, logits)``.
+    """
+    import torch
+
+    from balance.run import build
+
+    datamodule, method = build(compose_train(overrides))
+    batch = next(iter(datamodule.val_dataloader()))
+    with torch.no_grad():
+        logits = method.model(batch["inputs"])
+    return datamodule, method, logits
+
+
+def train_briefly(overrides: list[str], run_dir: Path) -> dict:
+    """Trains one epoch of two batches, selects, tests; checks that ``results.json`` holds what ``train`` returned.
+
+    Returns:
+        The results (``{"test": {...}, "val": {...}}``).
+    """
+    import json
+
+    import pytest
+
+    from balance.run import train
+
+    cfg = compose_train([*overrides, "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], run_dir=run_dir)
+    results = train(cfg)
+    saved = json.loads((Path(run_dir) / "results.json").read_text())
+    assert saved["test"]["acc"] == pytest.approx(results["test"]["acc"])
+    return results

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from balance.run import train
-from compose import compose_train
+from compose import model_logits_on_a_batch, small_encoder, train_briefly
 from raw_media import write_flv, write_wav
 from datamodules.crema_d import CLASSES, CremaDDataModule, parse_clip, read_split_file
 from datamodules.prepare import main as balance_prepare
@@ -239,31 +238,15 @@ DATA = ["data=crema_d", "model=crema_d", "data.image_size=32", "data.batch_size=
 
 def test_model_config_takes_a_batch(cache):
     """The shipped model config (ResNet18 audio on [1, 257, 188], ResNet18 visual on [T, 3, S, S]) on a batch."""
-    from balance.run import build
-
-    cfg = compose_train([*DATA, f"data.root={cache}"])
-    datamodule, method = build(cfg)
-    batch = next(iter(datamodule.val_dataloader()))
-    with torch.no_grad():
-        logits = method.model(batch["inputs"])
+    _, _, logits = model_logits_on_a_batch([*DATA, f"data.root={cache}"])
     assert logits.shape == (4, 6)
 
 
 def test_one_training_run_end_to_end(cache, tmp_path):
     # Small CNN encoders keep this fast; test_model_config_takes_a_batch covers the ResNet18 config.
-    small = ["~model.encoders"] + [
-        f"+model.encoders.{m}={{_target_:balance.models.SmallCNNEncoder,in_channels:{c},channels:[8,16],out_dim:16}}"
-        for m, c in (("audio", 1), ("visual", 3))
-    ]
-    cfg = compose_train(
-        [*DATA, f"data.root={cache}", *small, "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
-        run_dir=tmp_path,
-    )
-    results = train(cfg)
+    small = ["~model.encoders", small_encoder("audio", 1), small_encoder("visual", 3)]
+    results = train_briefly([*DATA, f"data.root={cache}", *small], tmp_path)
     assert {"acc", "acc_audio", "acc_visual"} <= set(results["test"])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["test"]["acc"] == pytest.approx(results["test"]["acc"])
 
 
 def test_preparation_pool_reports_failures_and_survives_a_crashing_item(tmp_path, monkeypatch):

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from balance.run import train
-from compose import compose_train
+from compose import model_logits_on_a_batch, small_encoder, train_briefly
 from raw_media import write_jpg
 from datamodules.food101 import Food101DataModule
 from datamodules.image_text import read_split_file
@@ -268,28 +267,15 @@ DATA = ["data=food101", "model=food101", "data.image_size=32", "data.batch_size=
 
 def test_model_config_takes_a_batch(cache):
     """The shipped model config (ResNet18 on the image, the text encoder with the training vocabulary's size)."""
-    from balance.run import build
-
-    datamodule, method = build(compose_train([*DATA, f"data.root={cache}"]))
+    datamodule, method, logits = model_logits_on_a_batch([*DATA, f"data.root={cache}"])
     assert method.model.encoders["text"].embedding.num_embeddings == len(datamodule.vocab)
-    batch = next(iter(datamodule.val_dataloader()))
-    with torch.no_grad():
-        assert method.model(batch["inputs"]).shape == (4, 3)
+    assert logits.shape == (4, 3)
 
 
 def test_one_training_run_end_to_end(cache, tmp_path):
     # Small encoders keep this fast; test_model_config_takes_a_batch covers the shipped config.
-    small = ["~model.encoders",
-             "+model.encoders.visual={_target_:balance.models.SmallCNNEncoder,in_channels:3,channels:[8,16],"
-             "out_dim:16}",
+    small = ["~model.encoders", small_encoder("visual", 3),
              "+model.encoders.text={_target_:balance.models.TextEncoder,vocab_size:???,embed_dim:16,out_dim:16,"
              "max_length:16}"]
-    cfg = compose_train(
-        [*DATA, f"data.root={cache}", *small, "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
-        run_dir=tmp_path,
-    )
-    results = train(cfg)
+    results = train_briefly([*DATA, f"data.root={cache}", *small], tmp_path)
     assert {"acc", "acc_visual", "acc_text"} <= set(results["test"])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["test"]["acc"] == pytest.approx(results["test"]["acc"])

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from balance.run import train
-from compose import compose_train
+from compose import model_logits_on_a_batch, train_briefly
 from raw_media import write_video, write_wav
 from datamodules.iemocap import (
     CLASS_OF_CODE,
@@ -308,13 +307,7 @@ DATA = ["data=iemocap", "model=iemocap", "data.test_session=2", "data.image_size
 
 def test_model_config_takes_a_batch(cache):
     """The shipped model config (ResNet18s on the filter bank and frames, the text Transformer) on a batch."""
-    from balance.run import build
-
-    cfg = compose_train([*DATA, f"data.root={cache}"])
-    datamodule, method = build(cfg)
-    batch = next(iter(datamodule.val_dataloader()))
-    with torch.no_grad():
-        logits = method.model(batch["inputs"])
+    datamodule, method, logits = model_logits_on_a_batch([*DATA, f"data.root={cache}"])
     assert logits.shape == (4, 4)
     assert method.model.encoders["text"].embedding.num_embeddings == len(datamodule.vocab)
 
@@ -325,13 +318,5 @@ def test_one_training_run_end_to_end(cache, tmp_path):
     # the data's modality order.
     small = ["model.encoders.audio._target_=balance.models.SmallCNNEncoder", "+model.encoders.audio.channels=[8,16]",
              "+model.encoders.audio.out_dim=16", "model.encoders.text.embed_dim=16", "model.encoders.text.out_dim=16"]
-    cfg = compose_train(
-        [*DATA, f"data.root={cache}", *small,
-         "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false"],
-        run_dir=tmp_path,
-    )
-    results = train(cfg)
+    results = train_briefly([*DATA, f"data.root={cache}", *small], tmp_path)
     assert {"acc", "acc_audio", "acc_visual", "acc_text"} <= set(results["test"])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["test"]["acc"] == pytest.approx(results["test"]["acc"])

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from balance.run import train
-from compose import compose_train
+from compose import model_logits_on_a_batch, small_encoder, train_briefly
 from raw_media import write_jpg
 from datamodules.image_text import read_split_file
 from datamodules.mvsa import CLASSES, MVSADataModule, aggregate, read_labels
@@ -222,29 +221,20 @@ def test_split_files_in_mmbt_jsonl_and_mla_txt(cache, tmp_path):
     assert sorted(mla.split_items["train"] + mla.split_items["val"], key=int) == GOOD[:20]
 
 
+DATA = ["data=mvsa", "model=mvsa", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+        "data.max_length=12"]
+
+
 def test_one_training_run_end_to_end(cache, tmp_path):
-    cfg = compose_train(
-        ["data=mvsa", "model=mvsa", f"data.root={cache}", "data.image_size=32", "data.batch_size=4",
-         "data.num_workers=0", "data.max_length=12", "~model.encoders",
-         "+model.encoders.visual={_target_:balance.models.SmallCNNEncoder,in_channels:3,channels:[8,16],out_dim:16}",
-         "+model.encoders.text={_target_:balance.models.TextEncoder,vocab_size:???,embed_dim:16,out_dim:16,"
-         "max_length:12}",
-         "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false"],
-        run_dir=tmp_path,
-    )
-    results = train(cfg)
+    small = ["~model.encoders", small_encoder("visual", 3),
+             "+model.encoders.text={_target_:balance.models.TextEncoder,vocab_size:???,embed_dim:16,out_dim:16,"
+             "max_length:12}"]
+    results = train_briefly([*DATA, f"data.root={cache}", *small], tmp_path)
     assert {"acc", "acc_visual", "acc_text"} <= set(results["test"])
-    assert json.loads((tmp_path / "results.json").read_text())["test"]["acc"] == pytest.approx(results["test"]["acc"])
 
 
 def test_model_config_takes_a_batch(cache):
     """The shipped model config: ResNet18 on the image, the text encoder sized by the training vocabulary."""
-    from balance.run import build
-
-    datamodule, method = build(compose_train(["data=mvsa", "model=mvsa", f"data.root={cache}", "data.image_size=32",
-                                              "data.batch_size=4", "data.num_workers=0", "data.max_length=12"]))
+    datamodule, method, logits = model_logits_on_a_batch([*DATA, f"data.root={cache}"])
     assert method.model.encoders["text"].embedding.num_embeddings == len(datamodule.vocab)
-    batch = next(iter(datamodule.val_dataloader()))
-    with torch.no_grad():
-        assert method.model(batch["inputs"]).shape == (3, 3)
+    assert logits.shape == (3, 3)
