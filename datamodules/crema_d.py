@@ -14,7 +14,6 @@ MLA's (``my_train_cre.txt``) format.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import json
@@ -33,7 +32,8 @@ from datamodules.media import MediaError
 from datamodules.preparation import (
     missing_cache_error,
     PrepareReport,
-    add_common_arguments,
+    prepare_parser,
+    run_prepare_command,
     atomic_output,
     atomic_write_text,
     check_params,
@@ -218,23 +218,12 @@ def prepare(
 
 def prepare_main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare crema_d --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
-    parser = argparse.ArgumentParser(
-        prog="balance-prepare crema_d",
-        description="Prepare CREMA-D (AudioWAV/*.wav, VideoFlash/*.flv) into spectrograms and 1 fps frames.",
-        epilog=f"Raw layout:\n{RAW_LAYOUT}\n\nCache layout:\n{CACHE_LAYOUT}\n\nSource: {SOURCE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser)
+    parser = prepare_parser("crema_d", "Prepare CREMA-D (AudioWAV/*.wav, VideoFlash/*.flv) into spectrograms and 1 fps "
+                            "frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
     parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
-    parser.add_argument("--short-side", type=int, default=224,
-                        help="resize frames so the short side has this many pixels (0: keep; default 224)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
     args = parser.parse_args(argv)
-    try:
-        prepare(args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality)
-    except FileNotFoundError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    print(f"train with: python train.py data=crema_d model=crema_d data.root={Path(args.out).expanduser().resolve()}")
+    run_prepare_command(parser, "crema_d", args.out, lambda: prepare(
+        args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))
 
 
 # ---------------------------------------------------------------------------------------------------------------

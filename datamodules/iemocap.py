@@ -20,7 +20,6 @@ dis, oth, xxx) are left out and counted by label in the report. The default spli
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import json
@@ -41,7 +40,8 @@ from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
     missing_cache_error,
     PrepareReport,
-    add_common_arguments,
+    prepare_parser,
+    run_prepare_command,
     atomic_output,
     atomic_write_text,
     check_params,
@@ -492,28 +492,17 @@ def prepare(
 
 def prepare_main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare iemocap --raw RAW --out OUT [--workers N] [--frames 3] [--short-side 224] ...``."""
-    parser = argparse.ArgumentParser(
-        prog="balance-prepare iemocap",
-        description="Prepare IEMOCAP (IEMOCAP_full_release) into filter banks, frames and transcripts per utterance.",
-        epilog=f"Raw layout:\n{RAW_LAYOUT}\n\nCache layout:\n{CACHE_LAYOUT}\n\nSource: {SOURCE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser)
+    parser = prepare_parser("iemocap", "Prepare IEMOCAP (IEMOCAP_full_release) into filter banks, frames and "
+                            "transcripts per utterance.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
     parser.add_argument("--frames", type=int, default=FRAMES,
                         help=f"frames per utterance, at the centres of equal parts of its span (default {FRAMES})")
-    parser.add_argument("--short-side", type=int, default=224,
-                        help="resize frames so the short side has this many pixels (0: keep 720 x 480; default 224)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
     parser.add_argument("--mel-bins", type=int, default=MEL_BINS, help=f"default {MEL_BINS}")
     parser.add_argument("--audio-frames", type=int, default=AUDIO_FRAMES,
                         help=f"10 ms filter-bank frames per utterance, cut or zero-padded (default {AUDIO_FRAMES})")
     args = parser.parse_args(argv)
-    try:
-        prepare(args.raw, args.out, args.workers, args.frames, args.short_side, args.jpeg_quality, args.mel_bins,
-                args.audio_frames)
-    except FileNotFoundError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    print(f"train with: python train.py data=iemocap model=iemocap data.root={Path(args.out).expanduser().resolve()}")
+    run_prepare_command(parser, "iemocap", args.out, lambda: prepare(
+        args.raw, args.out, args.workers, args.frames, args.short_side, args.jpeg_quality, args.mel_bins,
+        args.audio_frames))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ column of ``items.csv``, whose row ``i`` is row ``i`` of ``tokens.npy``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import html
@@ -33,7 +32,8 @@ from torch.utils.data import Dataset
 from datamodules.cache import PreparedCacheDataModule
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
-    add_common_arguments,
+    prepare_parser,
+    run_prepare_command,
     missing_cache_error,
     PrepareReport,
     atomic_output,
@@ -326,24 +326,12 @@ def prepare_command(source: ImageTextSource, description: str, prepare: Callable
     """The ``balance-prepare <name>`` command of an image + text data set: parses ``--raw --out --workers
     --short-side --jpeg-quality --max-length`` and calls ``prepare(raw, out, workers, short_side, quality,
     max_length)``."""
-    parser = argparse.ArgumentParser(
-        prog=f"balance-prepare {source.name}",
-        description=description,
-        epilog=f"Raw layout:\n{source.raw_layout}\n\nCache layout:\n{source.cache_layout}\n\nSource: {source.source}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--short-side", type=int, default=256,
-                        help="resize images so the short side has this many pixels (0: keep; default 256)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser = prepare_parser(source.name, description, source.raw_layout, source.cache_layout, source.source,
+                            short_side=256)
     parser.add_argument("--max-length", type=int, default=128, help="tokens stored per text (default 128)")
     args = parser.parse_args(argv)
-    try:
-        prepare(args.raw, args.out, args.workers, args.short_side, args.jpeg_quality, args.max_length)
-    except FileNotFoundError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    print(f"train with: python train.py data={source.name} model={source.name} "
-          f"data.root={Path(args.out).expanduser().resolve()}")
+    run_prepare_command(parser, source.name, args.out, lambda: prepare(
+        args.raw, args.out, args.workers, args.short_side, args.jpeg_quality, args.max_length))
 
 
 class ImageTextDataset(Dataset):

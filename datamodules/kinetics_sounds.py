@@ -15,7 +15,6 @@ within each third in training, each third's middle frame in evaluation (:func:`f
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -35,7 +34,8 @@ from datamodules.media import MediaError
 from datamodules.preparation import (
     missing_cache_error,
     PrepareReport,
-    add_common_arguments,
+    prepare_parser,
+    run_prepare_command,
     atomic_output,
     atomic_write_text,
     check_params,
@@ -349,24 +349,12 @@ def prepare(
 
 def prepare_main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare kinetics_sounds --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Prepare Kinetics-Sounds (Kinetics-400 class folders of .mp4) into fbanks and 1 fps frames.",
-        epilog=f"Raw layout:\n{RAW_LAYOUT}\n\nCache layout:\n{CACHE_LAYOUT}\n\nSource: {SOURCE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_arguments(parser)
+    parser = prepare_parser("kinetics_sounds", "Prepare Kinetics-Sounds (Kinetics-400 class folders of .mp4) into "
+                            "fbanks and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
     parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
-    parser.add_argument("--short-side", type=int, default=224,
-                        help="resize frames so the short side has this many pixels (0: keep; default 224)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
     args = parser.parse_args(argv)
-    try:
-        prepare(args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality)
-    except FileNotFoundError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    out = Path(args.out).expanduser().resolve()
-    print(f"train with: python train.py data=kinetics_sounds model=kinetics_sounds data.root={out}")
+    run_prepare_command(parser, "kinetics_sounds", args.out, lambda: prepare(
+        args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -232,12 +232,43 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         temp.write_text(text)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--raw``, ``--out`` and ``--workers``, the arguments every preparation command takes."""
+def prepare_parser(name: str, description: str, raw_layout: str, cache_layout: str, source: str,
+                   short_side: int) -> argparse.ArgumentParser:
+    """The ``balance-prepare <name>`` parser: ``--raw``, ``--out``, ``--workers``, ``--short-side`` and
+    ``--jpeg-quality``, with the raw and cache layouts and the source in its help.
+
+    Args:
+        name: the data set's module and command name.
+        description: one line on what the command turns into what.
+        raw_layout: the raw download's layout, as shown to users.
+        cache_layout: the cache's layout.
+        source: where the raw download is obtained.
+        short_side: the default ``--short-side`` (pixels of an image's or frame's short side in the cache).
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"balance-prepare {name}", description=description,
+        epilog=f"Raw layout:\n{raw_layout}\n\nCache layout:\n{cache_layout}\n\nSource: {source}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--raw", required=True, help="the raw download (see the data set's README section)")
     parser.add_argument("--out", required=True, help="the cache directory to write (data.root for training)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: all cores; 1 runs in one process)")
+    parser.add_argument("--short-side", type=int, default=short_side,
+                        help=f"resize images so the short side has this many pixels (0: keep; default {short_side})")
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    return parser
+
+
+def run_prepare_command(parser: argparse.ArgumentParser, name: str, out: str | Path,
+                        prepare: Callable[[], object]) -> None:
+    """Runs ``prepare()`` for the command ``parser`` parsed; a raw download that is missing or laid out otherwise
+    exits with status 2 and the message; then prints the command that trains on the cache ``out``."""
+    try:
+        prepare()
+    except FileNotFoundError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    print(f"train with: python train.py data={name} model={name} data.root={Path(out).expanduser().resolve()}")
 
 
 def finish(report: PrepareReport, out: str | Path, title: str, details: Sequence[str] = (),
