@@ -1,8 +1,9 @@
-"""Audio + frames items read from a prepared clip cache (CREMA-D, Kinetics-Sounds, IEMOCAP share its layout)."""
+"""The clip cache that CREMA-D, Kinetics-Sounds and IEMOCAP share (``audio/<clip>.npy``, ``visual/<clip>/*.jpg``):
+writing one clip into it, and reading items from it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,54 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datamodules.media import MediaError
+from datamodules.preparation import atomic_output
 from datamodules.transforms import frame_transform
+
+
+class ClipError(MediaError):
+    """One clip's audio and/or video could not be prepared (reported with its message only)."""
+
+
+def clip_cached(clip: str, out: Path) -> bool:
+    """Whether the cache ``out`` holds both the audio and the frames of ``clip``."""
+    return (out / "audio" / f"{clip}.npy").is_file() and (out / "visual" / clip).is_dir()
+
+
+def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
+               features: Callable[[np.ndarray], np.ndarray], fps: float, short_side: int, quality: int,
+               reason: Callable[[Exception], str] = str) -> None:
+    """Writes ``audio/<clip>.npy`` (``features`` of the mono wave at ``sample_rate``, as float16) and
+    ``visual/<clip>/`` (``fps`` frames a second, JPEG), whichever the cache lacks.
+
+    Args:
+        reason: shortens an error's message for the report (e.g. drops the raw root from paths).
+
+    Raises:
+        ClipError: naming each part that failed, after writing the other.
+    """
+    from datamodules.media import extract_frames, read_audio, save_frames
+
+    problems = []
+    audio_out = out / "audio" / f"{clip}.npy"
+    if not audio_out.exists():
+        try:
+            wave, _ = read_audio(audio, sample_rate)
+            array = features(wave).astype(np.float16)
+            with atomic_output(audio_out) as temp:
+                np.save(temp, array)
+        except (MediaError, ValueError) as error:
+            problems.append(f"audio: {reason(error)}")
+    frames_out = out / "visual" / clip
+    if not frames_out.is_dir():
+        try:
+            images = extract_frames(video, fps=fps, short_side=short_side)
+            with atomic_output(frames_out, directory=True) as temp:
+                save_frames(images, temp, quality=quality)
+        except MediaError as error:
+            problems.append(f"video: {reason(error)}")
+    if problems:
+        raise ClipError("; ".join(problems))
 
 
 class ClipDataset(Dataset):

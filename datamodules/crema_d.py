@@ -27,14 +27,12 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.cache import PreparedCacheDataModule
-from datamodules.clips import ClipDataset
-from datamodules.media import MediaError
+from datamodules.clips import ClipDataset, clip_cached, write_clip
 from datamodules.preparation import (
     missing_cache_error,
     PrepareReport,
     prepare_parser,
     run_prepare_command,
-    atomic_output,
     atomic_write_text,
     check_params,
     finish,
@@ -106,38 +104,9 @@ def _short(error: Exception, raw: Path) -> str:
 
 
 def _prepare_clip(clip: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
-    """Writes ``audio/<clip>.npy`` and ``visual/<clip>/`` (whichever is missing); raises naming what failed."""
-    from datamodules.media import extract_frames, read_audio, save_frames
-
-    raw_path, out_path = Path(raw), Path(out)
-    problems = []
-    audio_out = out_path / "audio" / f"{clip}.npy"
-    if not audio_out.exists():
-        try:
-            wave, _ = read_audio(raw_path / "AudioWAV" / f"{clip}.wav", SAMPLE_RATE)
-            spectrogram = log_spectrogram(wave).astype(np.float16)
-            with atomic_output(audio_out) as temp:
-                np.save(temp, spectrogram)
-        except MediaError as error:
-            problems.append(f"audio: {_short(error, raw_path)}")
-    frames_out = out_path / "visual" / clip
-    if not frames_out.is_dir():
-        try:
-            images = extract_frames(raw_path / "VideoFlash" / f"{clip}.flv", fps=fps, short_side=short_side)
-            with atomic_output(frames_out, directory=True) as temp:
-                save_frames(images, temp, quality=quality)
-        except MediaError as error:
-            problems.append(f"video: {_short(error, raw_path)}")
-    if problems:
-        raise ClipError("; ".join(problems))
-
-
-class ClipError(MediaError):
-    """One clip's audio and/or video could not be prepared (reported with its message only)."""
-
-
-def _is_done(clip: str, out: Path) -> bool:
-    return (out / "audio" / f"{clip}.npy").is_file() and (out / "visual" / clip).is_dir()
+    raw_path = Path(raw)
+    write_clip(clip, Path(out), raw_path / "AudioWAV" / f"{clip}.wav", raw_path / "VideoFlash" / f"{clip}.flv",
+               SAMPLE_RATE, log_spectrogram, fps, short_side, quality, reason=lambda error: _short(error, raw_path))
 
 
 def _raw_error(raw: Path, problem: str) -> FileNotFoundError:
@@ -196,7 +165,7 @@ def prepare(
     remove_stale_temporaries(out / "audio", out / "visual")
     work = functools.partial(_prepare_clip, raw=str(raw), out=str(out), fps=fps, short_side=short_side,
                              quality=quality)
-    run = run_items(clips, work, is_done=functools.partial(_is_done, out=out), workers=workers,
+    run = run_items(clips, work, is_done=functools.partial(clip_cached, out=out), workers=workers,
                     desc="CREMA-D: preparing clips")
     report.ok, report.done, report.failed = run.ok, run.done, report.failed + run.failed
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.cache import PreparedCacheDataModule
-from datamodules.clips import ClipDataset
+from datamodules.clips import ClipDataset, clip_cached
 from datamodules.media import MediaError, check_file, resized_size
 from datamodules.preparation import (
     missing_cache_error,
@@ -280,10 +280,6 @@ def _short(error: Exception, raw: Path) -> str:
     return str(error).replace(f"{raw}/", "")
 
 
-def _is_utterance_done(utterance: str, out: Path) -> bool:
-    return (out / "audio" / f"{utterance}.npy").is_file() and (out / "visual" / utterance).is_dir()
-
-
 def _prepare_dialog(item: str, raw: str, out: str, failures: str, frames: int, short_side: int, quality: int,
                     mel_bins: int, audio_frames: int) -> None:
     """Writes the audio and frames of every kept utterance of one dialog (``item``: ``Session<n>/<dialog>``).
@@ -445,11 +441,11 @@ def prepare(
     failures = out / ".failures"
     shutil.rmtree(failures, ignore_errors=True)
     failures.mkdir(parents=True)
-    done_before = {u.utterance for u in utterances if _is_utterance_done(u.utterance, out)}
+    done_before = {u.utterance for u in utterances if clip_cached(u.utterance, out)}
     work = functools.partial(_prepare_dialog, raw=str(raw), out=str(out), failures=str(failures), frames=frames,
                              short_side=short_side, quality=quality, mel_bins=mel_bins, audio_frames=audio_frames)
     run = run_items(sorted(by_item), work, workers=workers, desc="IEMOCAP: preparing dialogs",
-                    is_done=lambda item: all(_is_utterance_done(name, out) for name in by_item[item]))
+                    is_done=lambda item: all(clip_cached(name, out) for name in by_item[item]))
     reasons: dict[str, list[str]] = {}
     for path in failures.glob("*.json"):
         reasons.update(json.loads(path.read_text()))
@@ -460,7 +456,7 @@ def prepare(
 
     usable = []
     for u in utterances:
-        problems = [] if _is_utterance_done(u.utterance, out) else list(reasons.get(u.utterance, ["no output written"]))
+        problems = [] if clip_cached(u.utterance, out) else list(reasons.get(u.utterance, ["no output written"]))
         problems += [text_problems[u.utterance]] if u.utterance in text_problems else []
         if problems:
             report.failed.append((u.utterance, "; ".join(problems)))
@@ -619,7 +615,7 @@ class IEMOCAPDataModule(PreparedCacheDataModule):
     def _read_utterances(self) -> list[dict[str, str]]:
         with open(self.root / "utterances.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        lost = [r["utterance"] for r in rows if not _is_utterance_done(r["utterance"], self.root)]
+        lost = [r["utterance"] for r in rows if not clip_cached(r["utterance"], self.root)]
         if lost:
             raise self._missing_error(f"{len(lost)} utterances of {self.root}/utterances.csv have no filter bank or "
                                       f"frames (e.g. {lost[:3]}); re-run the preparation, it resumes")

@@ -29,14 +29,12 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.cache import PreparedCacheDataModule
-from datamodules.clips import ClipDataset
-from datamodules.media import MediaError
+from datamodules.clips import ClipDataset, clip_cached, write_clip
 from datamodules.preparation import (
     missing_cache_error,
     PrepareReport,
     prepare_parser,
     run_prepare_command,
-    atomic_output,
     atomic_write_text,
     check_params,
     finish,
@@ -238,40 +236,13 @@ def _reason(error: Exception, path: Path, raw: Path) -> str:
 
 
 def _prepare_clip(item: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
-    """Writes ``audio/<clip>.npy`` and ``visual/<clip>/`` (whichever is missing); raises naming what failed."""
-    from datamodules.media import extract_frames, read_audio, save_frames
-
-    raw_path, out_path, clip = Path(raw), Path(out), Path(item).stem
-    path = raw_path / item
-    problems = []
-    audio_out = out_path / "audio" / f"{clip}.npy"
-    if not audio_out.exists():
-        try:
-            wave, _ = read_audio(path, SAMPLE_RATE)
-            fbank = log_mel_fbank(wave).astype(np.float16)
-            with atomic_output(audio_out) as temp:
-                np.save(temp, fbank)
-        except (MediaError, ValueError) as error:
-            problems.append(f"audio: {_reason(error, path, raw_path)}")
-    frames_out = out_path / "visual" / clip
-    if not frames_out.is_dir():
-        try:
-            images = extract_frames(path, fps=fps, short_side=short_side)
-            with atomic_output(frames_out, directory=True) as temp:
-                save_frames(images, temp, quality=quality)
-        except MediaError as error:
-            problems.append(f"video: {_reason(error, path, raw_path)}")
-    if problems:
-        raise ClipError("; ".join(problems))
-
-
-class ClipError(MediaError):
-    """One clip's audio and/or video could not be prepared (reported with its message only)."""
+    raw_path, path = Path(raw), Path(raw) / item
+    write_clip(Path(item).stem, Path(out), path, path, SAMPLE_RATE, log_mel_fbank, fps, short_side, quality,
+               reason=lambda error: _reason(error, path, raw_path))
 
 
 def _is_done(item: str, out: Path) -> bool:
-    clip = Path(item).stem
-    return (out / "audio" / f"{clip}.npy").is_file() and (out / "visual" / clip).is_dir()
+    return clip_cached(Path(item).stem, out)
 
 
 def _clips_csv(clips: Sequence[RawClip], out: Path) -> str:
