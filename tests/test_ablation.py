@@ -4,7 +4,6 @@ dropped input, part ablates the requested fraction, shuffling never pairs a samp
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import matplotlib.pyplot as plt
 import pytest
@@ -16,8 +15,9 @@ from torch.utils.data import DataLoader
 
 from balance.diagnostics.ablation import CrossModalAblation, choose_units, derangement
 from balance.diagnostics.mm_shap import group_features
+from diagnostic_fixtures import joint_method
 from balance.methods import JointTraining
-from balance.models import ConcatFusion, MLPEncoder, MultimodalModel, SmallCNNEncoder, TextEncoder, zero_input
+from balance.models import MLPEncoder, SmallCNNEncoder, TextEncoder, zero_input
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,8 +38,7 @@ class Recorder(nn.Module):
 
 
 def make_method(encoders: dict) -> JointTraining:
-    model = MultimodalModel(encoders, partial(ConcatFusion), num_classes=3)
-    return JointTraining(model=model, optimizer=partial(torch.optim.SGD, lr=0.1)).eval()
+    return joint_method(encoders).eval()
 
 
 def audio_text_method() -> JointTraining:

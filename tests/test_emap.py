@@ -15,21 +15,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from balance.diagnostics.emap import EMAP, additive_projection
+from diagnostic_fixtures import Identity, make_batches
 from balance.methods.joint import JointTraining
 from balance.models import ConcatFusion, FusionHead, GatedFusion, LateFusion, MLPEncoder, MultimodalModel, SumFusion
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "diagnostics"
-
-
-class Identity(nn.Module):
-    """An encoder that passes its (feature-vector) input through, so a test sets the features directly."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.out_dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 class ProductHead(FusionHead):
@@ -71,19 +61,6 @@ def mlp_method(fusion, num_modalities: int = 2, in_dim: int = 5, num_classes: in
 
 def identity_method(head, dims: dict[str, int], num_classes: int) -> JointTraining:
     return method_of(MultimodalModel({m: Identity(d) for m, d in dims.items()}, head, num_classes=num_classes))
-
-
-def make_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,
-                 present: torch.Tensor | None = None) -> list[dict]:
-    out = []
-    for start in range(0, len(labels), batch_size):
-        rows = slice(start, start + batch_size)
-        batch = {"inputs": {m: x[rows] for m, x in inputs.items()}, "label": labels[rows],
-                 "index": torch.arange(len(labels))[rows]}
-        if present is not None:
-            batch["present"] = present[rows]
-        out.append(batch)
-    return out
 
 
 def random_batches(num_samples: int, num_modalities: int = 2, in_dim: int = 5, num_classes: int = 3,

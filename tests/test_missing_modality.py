@@ -4,7 +4,6 @@ follow the sample index, batch `present` combines, the inputs path zeroes inputs
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -18,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from balance.diagnostics.missing_modality import MissingModalitySweep, split_size
+from diagnostic_fixtures import joint_method, make_batches
 from balance.methods.joint import JointTraining
-from balance.models import ConcatFusion, MLPEncoder, MultimodalModel
+from balance.models import MLPEncoder
 from balance.missing import missing_mask
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "diagnostics"
@@ -27,27 +27,13 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "diagnostics"
 
 def method_of(encoders: dict[str, nn.Module], num_classes: int, seed: int = 0) -> JointTraining:
     torch.manual_seed(seed)
-    model = MultimodalModel(encoders, partial(ConcatFusion), num_classes=num_classes)
-    return JointTraining(model=model, optimizer=partial(torch.optim.SGD, lr=0.1))
+    return joint_method(encoders, num_classes)
 
 
 def mlp_method(num_modalities: int = 2, in_dim: int = 4, num_classes: int = 3) -> JointTraining:
     torch.manual_seed(0)
     return method_of({f"m{i}": MLPEncoder(in_dim, hidden_dims=(8,), out_dim=4) for i in range(num_modalities)},
                      num_classes)
-
-
-def make_batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,
-                 present: torch.Tensor | None = None) -> list[dict]:
-    out = []
-    for start in range(0, len(labels), batch_size):
-        rows = slice(start, start + batch_size)
-        batch = {"inputs": {m: x[rows] for m, x in inputs.items()}, "label": labels[rows],
-                 "index": torch.arange(len(labels))[rows]}
-        if present is not None:
-            batch["present"] = present[rows]
-        out.append(batch)
-    return out
 
 
 def random_batches(num_samples: int, num_modalities: int = 2, in_dim: int = 4, num_classes: int = 3,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 
 import matplotlib.pyplot as plt
 import pytest
@@ -21,11 +20,11 @@ from balance.diagnostics.mm_shap import (
     permutation_generator,
 )
 from balance.methods import JointTraining
+from diagnostic_fixtures import joint_method
 from balance.models import (
     ConcatFusion,
     LateFusion,
     MLPEncoder,
-    MultimodalModel,
     SmallCNNEncoder,
     TextEncoder,
     zero_input,
@@ -36,8 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_method(encoders: dict, fusion=ConcatFusion, num_classes: int = 3) -> JointTraining:
-    model = MultimodalModel(encoders, partial(fusion), num_classes=num_classes)
-    return JointTraining(model=model, optimizer=partial(torch.optim.SGD, lr=0.1)).eval()
+    return joint_method(encoders, num_classes, fusion).eval()
 
 
 def image_text_method() -> JointTraining:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -13,30 +12,17 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch import nn
 
 from balance.diagnostics.modality_gap import ModalityGap
+from diagnostic_fixtures import Identity, joint_method
 from balance.methods.joint import JointTraining
-from balance.models import ConcatFusion, MLPEncoder, MultimodalModel
+from balance.models import MLPEncoder
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "diagnostics"
 
 
-class Identity(nn.Module):
-    """An encoder that passes its feature-vector input through, so a test sets the features directly."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.out_dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def identity_method(dims: dict[str, int], feature_dim: int | None = None) -> JointTraining:
-    model = MultimodalModel({m: Identity(d) for m, d in dims.items()}, partial(ConcatFusion), num_classes=2,
-                            feature_dim=feature_dim)
-    return JointTraining(model=model, optimizer=partial(torch.optim.SGD, lr=0.1))
+    return joint_method({m: Identity(d) for m, d in dims.items()}, num_classes=2, feature_dim=feature_dim)
 
 
 def batches_of(features: dict[str, torch.Tensor], batch_size: int = 4, present: torch.Tensor | None = None):
@@ -113,8 +99,7 @@ def test_different_feature_sizes_raise_unless_projected():
 def test_scatter_is_subsampled_and_drawn():
     torch.manual_seed(0)
     encoders = {m: MLPEncoder(6, hidden_dims=(8,), out_dim=4) for m in ("a", "b")}
-    model = MultimodalModel(encoders, partial(ConcatFusion), num_classes=2)
-    method = JointTraining(model=model, optimizer=partial(torch.optim.SGD, lr=0.1))
+    method = joint_method(encoders, num_classes=2)
     method.train()
     data = batches_of({"a": torch.randn(30, 6), "b": torch.randn(30, 6) + 2}, batch_size=8)
     gap = ModalityGap(plot_samples=12)
