@@ -39,6 +39,16 @@ def test_best_epoch_is_selected_on_validation(tmp_path):
     assert results["val"]["acc"] == pytest.approx(float(monitor["best_model_score"]), abs=1e-6)
 
 
+def test_last_checkpoint_is_the_newest_epoch_when_validation_stops_improving(tmp_path):
+    # lr 0: validation accuracy never changes, so the best checkpoint stays at epoch 0 while training goes on.
+    results = train(compose_train([*SYNTHETIC, "trainer.max_epochs=3", "method.optimizer.lr=0.0"], run_dir=tmp_path))
+    assert results["best_epoch"] == 0
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        Path(results["best_checkpoint"]).name, "last.ckpt"]
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     # Dropout and an unequal split make the run depend on the RNG; shuffling depends on it anyway.
     common = [*SYNTHETIC, "model.encoders.encoder.dropout=0.3", "seed=3"]
