@@ -24,14 +24,13 @@ compute the same f(t_i, v_j). Each time is the median of ``--repeats`` repeats i
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from functools import partial
 
 import torch
 
-from common import timed  # noqa: E402
+from common import add_machine_arguments, apply_machine_arguments, load_line, timed  # noqa: E402
 from balance.diagnostics.emap import EMAP
 from balance.methods.joint import JointTraining
 from balance.models import ConcatFusion, MultimodalModel, SmallCNNEncoder
@@ -95,16 +94,10 @@ def main() -> None:
     parser.add_argument("--naive-pairs", type=int, default=4096, help="pairs the naive side is timed on")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_machine_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    before = os.getloadavg()[0]
-    if device.type == "cpu" and before > 0.5:
-        print(f"warning: the 1-minute load average is {before:.2f} before the benchmark: other processes compete "
-              "for the CPU", file=sys.stderr)
+    before = apply_machine_arguments(args)
 
     n = args.num_samples
     batches = make_batches(n, args.batch_size, args.num_classes, device)
@@ -144,7 +137,7 @@ def main() -> None:
           f"| {naive / fast:.0f}x |")
     print(f"\nCommand: python benchmarks/emap.py {' '.join(sys.argv[1:])}".rstrip())
     if device.type == "cpu":
-        print(f"1-minute load average: {before:.2f} before, {os.getloadavg()[0]:.2f} after (this process included).")
+        print(load_line(before))
 
 
 if __name__ == "__main__":

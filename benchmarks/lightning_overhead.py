@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from common import load_config, machine, quiet  # noqa: E402
+from common import add_machine_arguments, apply_machine_arguments, load_config, load_line, machine, quiet  # noqa: E402
 from balance.run import build_datamodule, build_model_config  # noqa: E402
 
 VARIANTS = {
@@ -295,15 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (after one warm-up run)")
     parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own, one per core); 1 is steadier on a "
-                             "machine shared with other work")
+    add_machine_arguments(parser, device=False)
     parser.add_argument("--profile", action="store_true",
                         help="instead of the benchmark, cProfile one Lightning fit per variant")
     args = parser.parse_args(argv)
     quiet()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    before = apply_machine_arguments(args)
     names = list(VARIANTS) if args.variant == "all" else [args.variant]
     print(machine(), file=sys.stderr)
 
@@ -312,14 +309,9 @@ def main(argv: list[str] | None = None) -> None:
             profile_lightning(Setup(name, args.seed), args.epochs or VARIANTS[name]["epochs"])
         return
 
-    before = os.getloadavg()[0]
-    if before > 0.5:
-        print(f"warning: the 1-minute load average is {before:.2f} before the benchmark: other processes compete "
-              f"for the CPU (with torch's default threads, one per core, contention slows small ops erratically)",
-              file=sys.stderr)
     rows = [bench(name, args.epochs or VARIANTS[name]["epochs"], args.repeats, args.seed) for name in names]
     print_table(rows, args.repeats)
-    print(f"\n1-minute load average: {before:.2f} before, {os.getloadavg()[0]:.2f} after (this process included).")
+    print(f"\n{load_line(before)}")
 
 
 if __name__ == "__main__":

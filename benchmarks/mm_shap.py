@@ -31,7 +31,6 @@ batch by batch, in a rotating order.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from collections.abc import Callable
 from functools import partial
@@ -39,7 +38,7 @@ from functools import partial
 import torch
 from captum.attr import ShapleyValueSampling
 
-from common import timed  # noqa: E402
+from common import add_machine_arguments, apply_machine_arguments, timed  # noqa: E402
 from balance.diagnostics.mm_shap import feature_groups, mm_shap_values, permutation_generator
 from balance.methods import JointTraining
 from balance.models import ConcatFusion, MLPEncoder, MultimodalModel, SmallCNNEncoder, TextEncoder
@@ -153,14 +152,10 @@ def main() -> None:
     parser.add_argument("--perturbations", type=int, nargs="+", default=[1, 4, 8, 32],
                         help="perturbations_per_eval values to time (1, the reference, is always timed)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_machine_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; timings will be noisy")
+    apply_machine_arguments(args)
     perturbations = sorted(set(args.perturbations) | {1})
 
     results, players = {}, {}

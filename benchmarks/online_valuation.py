@@ -59,7 +59,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from common import load_config, machine, quiet  # noqa: E402
+from common import add_machine_arguments, apply_machine_arguments, load_config, load_line, machine, quiet  # noqa: E402
 from balance.run import build_datamodule, build_model_config  # noqa: E402
 
 DATA = ["data=avdigits", "model=avdigits"]
@@ -266,27 +266,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed fits per variant (after one warm-up fit)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own, one per core); 1 is steadier on a "
-                             "machine shared with other work")
+    add_machine_arguments(parser, device=False)
     parser.add_argument("--profile", choices=list(VARIANTS), default=None,
                         help="instead of the benchmark, cProfile one fit of this variant")
     parser.add_argument("--top", type=int, default=40, help="with --profile: lines of the cumulative listing")
     args = parser.parse_args(argv)
     quiet()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    before = apply_machine_arguments(args)
     print(machine(), file=sys.stderr)
     if args.profile:
         profile_fit(args.profile, args.seed, args.top)
         return
-    before = os.getloadavg()[0]
-    if before > 0.5:
-        print(f"warning: the 1-minute load average is {before:.2f} before the benchmark: other processes compete "
-              f"for the CPU (with torch's default threads, one per core, contention slows small ops erratically)",
-              file=sys.stderr)
     print_table(bench(args.repeats, args.seed), args.repeats)
-    print(f"\n1-minute load average: {before:.2f} before, {os.getloadavg()[0]:.2f} after (this process included).")
+    print(f"\n{load_line(before)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from common import timed  # noqa: E402
+from common import add_machine_arguments, apply_machine_arguments, timed  # noqa: E402
 from balance.models import ConcatFusion, MultimodalModel, SmallCNNEncoder
 from balance.valuation import ZeroInputCache, modality_shapley
 
@@ -93,12 +93,10 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modalities", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_machine_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_machine_arguments(args)
 
     rows = []
     with torch.no_grad():
