@@ -37,7 +37,7 @@ Everything here is a pure function of a model and tensors; nothing knows about L
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -343,7 +343,8 @@ def subset_values_from_inputs(model: nn.Module, inputs: Mapping[str, Any], label
 
 
 def modality_shapley(model: nn.Module, batch: Mapping[str, Any], benefit: str = "official",
-                     drop: str = "features", cache: ZeroInputCache | None = None) -> dict[str, torch.Tensor]:
+                     drop: str = "features", cache: ZeroInputCache | None = None,
+                     features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per-sample modality Shapley values of one batch.
 
     Putting the model in eval mode is the caller's job (:func:`value_dataloader` does it): in train mode
@@ -357,6 +358,8 @@ def modality_shapley(model: nn.Module, batch: Mapping[str, Any], benefit: str = 
         drop: ``"features"`` (zero encoder features; encode once) or ``"inputs"`` (zero inputs).
         cache: for ``drop="inputs"``, a :class:`ZeroInputCache` so that zero inputs are encoded once (``None``
             runs the whole model once per subset).
+        features: with ``drop="features"``, the batch's encoded features if the caller has them already (in eval
+            mode, e.g. from a validation step): the encoders are then not run again.
 
     Returns:
         ``{"index": [B], "label": [B], "correct": BoolTensor[B]`` (the full model's prediction is right),
@@ -369,7 +372,9 @@ def modality_shapley(model: nn.Module, batch: Mapping[str, Any], benefit: str = 
     present = batch.get("present")
     with torch.no_grad():
         if drop == "features":
-            logits = _logits_dropping_features(model, model.encode(batch["inputs"]), present)
+            if features is None:
+                features = model.encode(batch["inputs"])
+            logits = _logits_dropping_features(model, features, present)
         else:
             logits = _logits_dropping_inputs(model, batch["inputs"], cache, present)
     values = _value_table(logits, labels, benefit, present)
@@ -425,6 +430,34 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
+class TableBuilder:
+    """Collects :func:`modality_shapley` results batch by batch into a :class:`ValuationTable`."""
+
+    def __init__(self, modalities: Sequence[str]) -> None:
+        self.modalities = list(modalities)
+        self.parts: dict[str, list[torch.Tensor]] = {"index": [], "label": [], "correct": [], "phi": []}
+
+    def add(self, result: Mapping[str, torch.Tensor]) -> None:
+        """Adds one batch's result (moved to the CPU)."""
+        if result["index"] is None:
+            raise KeyError("valuation needs each batch's 'index' (the sample's position in its split)")
+        for key, part in self.parts.items():
+            part.append(result[key].detach().cpu())
+
+    def table(self) -> ValuationTable:
+        """The samples added so far, sorted by index."""
+        parts = self.parts
+        if not parts["index"]:
+            return ValuationTable(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                                  torch.empty(0, dtype=torch.bool), torch.empty(0, len(self.modalities)),
+                                  self.modalities)
+        index = torch.cat(parts["index"]).long()
+        order = torch.argsort(index, stable=True)
+        return ValuationTable(index=index[order], label=torch.cat(parts["label"])[order],
+                              correct=torch.cat(parts["correct"])[order], phi=torch.cat(parts["phi"])[order],
+                              modalities=self.modalities)
+
+
 def value_dataloader(model: nn.Module, dataloader: Iterable[Mapping[str, Any]], benefit: str = "official",
                      drop: str = "features", device: torch.device | str | None = None, progress: bool = False,
                      cache_zero_inputs: bool = True) -> ValuationTable:
@@ -451,27 +484,11 @@ def value_dataloader(model: nn.Module, dataloader: Iterable[Mapping[str, Any]], 
     cache = ZeroInputCache() if drop == "inputs" and cache_zero_inputs else None
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {"index": [], "label": [], "correct": [], "phi": []}
+    builder = TableBuilder(model.modalities)
     try:
         for batch in tqdm(dataloader, desc="valuation", disable=not progress, leave=False):
-            result = modality_shapley(model, _to_device(batch, device), benefit=benefit, drop=drop, cache=cache)
-            if result["index"] is None:
-                raise KeyError("valuation needs each batch's 'index' (the sample's position in its split)")
-            for key, part in parts.items():
-                part.append(result[key].detach().cpu())
+            builder.add(modality_shapley(model, _to_device(batch, device), benefit=benefit, drop=drop, cache=cache))
     finally:
         for module, training in modes.items():
             module.train(training)
-    modalities = list(model.modalities)
-    if not parts["index"]:
-        return ValuationTable(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                              torch.empty(0, dtype=torch.bool), torch.empty(0, len(modalities)), modalities)
-    index = torch.cat(parts["index"]).long()
-    order = torch.argsort(index, stable=True)
-    return ValuationTable(
-        index=index[order],
-        label=torch.cat(parts["label"])[order],
-        correct=torch.cat(parts["correct"])[order],
-        phi=torch.cat(parts["phi"])[order],
-        modalities=modalities,
-    )
+    return builder.table()

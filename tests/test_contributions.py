@@ -33,3 +33,27 @@ def test_contribution_tables_and_plots(tmp_path, method):
     assert {"phi_m0", "phi_m1"} <= set(results["test"])
     train_tables = sorted(p.name for p in out.glob("train_epoch*.csv"))
     assert train_tables == (["train_epoch000.csv", "train_epoch001.csv"] if method == "sample_level" else [])
+
+
+@pytest.mark.parametrize("method,drop", [("joint", "features"), ("mla", "features"), ("joint", "inputs")])
+def test_values_from_the_validation_steps_equal_a_separate_pass(tmp_path, method, drop):
+    """The callback values the batches of the validation loop (on the features the evaluation step returns); the
+    values are those of a separate valuation pass over the validation split with the same weights."""
+    import pytorch_lightning as pl
+    import torch
+
+    from balance.diagnostics import ContributionCallback
+    from balance.run import build
+    from balance.valuation import value_dataloader
+
+    datamodule, module = build(compose_train([*SYNTHETIC, f"method={method}", "data.informativeness=[1.0,0.3]"]))
+    callback = ContributionCallback(str(tmp_path), drop=drop, plots=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    rows = _rows(tmp_path / "val_epoch000.csv")
+    separate = value_dataloader(module.model, datamodule.val_dataloader(), drop=drop)
+    assert [int(r["index"]) for r in rows] == separate.index.tolist()
+    phi = torch.tensor([[float(r["phi_m0"]), float(r["phi_m1"])] for r in rows])
+    assert torch.allclose(phi, separate.phi, atol=1e-6)
+    assert [r["correct"] == "True" for r in rows] == separate.correct.tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from balance.gather import gather_table  # noqa: E402
 from balance.plots import log_figure  # noqa: E402
-from balance.valuation import ValuationTable, value_dataloader  # noqa: E402
+from balance.valuation import TableBuilder, ValuationTable, ZeroInputCache, modality_shapley  # noqa: E402
 
 
 def write_table(table: ValuationTable, path: Path) -> None:
@@ -84,28 +84,60 @@ class ContributionCallback(pl.Callback):
         self.plots = plots
         self.history: dict[str, list[tuple[int, dict[str, float]]]] = {"val": [], "train": []}
         self._train_table_seen: Any = None
+        self._builder: TableBuilder | None = None
+        self._cache: ZeroInputCache | None = None
 
-    def _value_and_log(self, pl_module: pl.LightningModule, split: str, loader: Any) -> ValuationTable:
-        # Iterating a DataLoader draws from the global RNG: keep the diagnostic from changing the training run.
-        with torch.random.fork_rng(devices=[]):
-            table = gather_table(pl_module, value_dataloader(pl_module.model, loader, benefit=self.benefit,
-                                                             drop=self.drop, device=pl_module.device))
+    # The validation and test batches are valued as they pass, on the features the method's evaluation step
+    # returns when it returns them: no second pass over the split, no encoder run twice, no draw from the RNG.
+
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        self._builder = TableBuilder(pl_module.model.modalities)
+        self._cache = ZeroInputCache() if self.drop == "inputs" else None
+
+    def _observe(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        features = outputs.get("features") if isinstance(outputs, Mapping) and self.drop == "features" else None
+        self._builder.add(modality_shapley(pl_module.model, batch, benefit=self.benefit, drop=self.drop,
+                                           cache=self._cache, features=features))
+
+    def _finish(self, pl_module: pl.LightningModule, split: str) -> ValuationTable:
+        table = gather_table(pl_module, self._builder.table())
+        self._builder = None
         for m, value in table.mean().items():
             pl_module.log(f"{split}/phi_{m}", value, on_epoch=True, on_step=False)
         return table
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _values_this_epoch(self, trainer: pl.Trainer) -> bool:
         fitting = trainer.state.fn == "fit"
-        if trainer.sanity_checking or (fitting and trainer.current_epoch % self.every_n_epochs):
+        return not trainer.sanity_checking and not (fitting and trainer.current_epoch % self.every_n_epochs)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._builder = None
+        if self._values_this_epoch(trainer):
+            self._start(pl_module)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._builder is not None:
+            self._observe(pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._builder is None:
             return
-        table = self._value_and_log(pl_module, "val", trainer.datamodule.val_dataloader())
-        if fitting:
+        table = self._finish(pl_module, "val")
+        if trainer.state.fn == "fit":
             self._record(trainer, "val", trainer.current_epoch, table)
         elif trainer.is_global_zero:
             write_table(table, self.dirpath / "val_final.csv")
 
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._observe(pl_module, outputs, batch)
+
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        table = self._value_and_log(pl_module, "test", trainer.datamodule.test_dataloader())
+        table = self._finish(pl_module, "test")
         if trainer.is_global_zero:
             write_table(table, self.dirpath / "test_final.csv")
 

@@ -105,17 +105,20 @@ class MultimodalMethod(pl.LightningModule):
         modalities by zeroing their features. Diagnostics evaluate every method through this."""
         return self.model.fuse(features, keep)
 
-    def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
+    def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        """Logs the batch's metrics; returns ``{"loss", "features"}``: the encoded features go to the callbacks'
+        ``on_validation_batch_end`` / ``on_test_batch_end`` (the contribution callback values them without running
+        the encoders again)."""
         features = self.model.encode(batch["inputs"])
         logits = self.fused_logits(features, keep=batch.get("present"))
         loss = nn.functional.cross_entropy(logits, batch["label"])
         self.log_metrics(stage, logits, self.model.unimodal_logits(features), batch["label"], loss)
-        return loss
+        return {"loss": loss, "features": features}
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step(batch, "val")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step(batch, "test")
 
     def configure_optimizers(self) -> Any:

@@ -170,8 +170,9 @@ class MLA(MultimodalMethod):
     def fused_logits(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.fuse_unimodal(self.model.unimodal_logits(drop_features(features, self.modalities, keep)))[0]
 
-    def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
-        features = drop_features(self.model.encode(batch["inputs"]), self.modalities, batch.get("present"))
+    def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        encoded = self.model.encode(batch["inputs"])
+        features = drop_features(encoded, self.modalities, batch.get("present"))
         logits = self.model.unimodal_logits(features)
         fused, weights = self.fuse_unimodal(logits)
         loss = F.cross_entropy(fused, batch["label"])
@@ -179,4 +180,4 @@ class MLA(MultimodalMethod):
         for i, m in enumerate(self.modalities):
             self.log(f"{stage}/weight_{m}", weights[:, i].mean(), on_step=False, on_epoch=True,
                      batch_size=len(fused), sync_dist=True)
-        return loss
+        return {"loss": loss, "features": encoded}
