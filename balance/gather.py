@@ -33,6 +33,5 @@ def gather_table(module: pl.LightningModule, table: ValuationTable) -> Valuation
     index, label, correct = gather(table.index), gather(table.label), gather(table.correct.long())
     phi = gather(table.phi)
     valid = index >= 0
-    order = torch.argsort(index[valid], stable=True)
-    return ValuationTable(index[valid][order], label[valid][order], correct[valid][order].bool(),
-                          phi[valid][order], table.modalities)
+    return ValuationTable.sorted_by_index(index[valid], label[valid], correct[valid].bool(), phi[valid],
+                                          table.modalities)

@@ -405,6 +405,13 @@ class ValuationTable:
     phi: torch.Tensor
     modalities: list[str]
 
+    @classmethod
+    def sorted_by_index(cls, index: torch.Tensor, label: torch.Tensor, correct: torch.Tensor, phi: torch.Tensor,
+                        modalities: Sequence[str]) -> ValuationTable:
+        """The table of rows given in any order (e.g. batch by batch), sorted by sample index."""
+        order = torch.argsort(index, stable=True)
+        return cls(index[order].long(), label[order], correct[order], phi[order], list(modalities))
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -451,11 +458,8 @@ class TableBuilder:
             return ValuationTable(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
                                   torch.empty(0, dtype=torch.bool), torch.empty(0, len(self.modalities)),
                                   self.modalities)
-        index = torch.cat(parts["index"]).long()
-        order = torch.argsort(index, stable=True)
-        return ValuationTable(index=index[order], label=torch.cat(parts["label"])[order],
-                              correct=torch.cat(parts["correct"])[order], phi=torch.cat(parts["phi"])[order],
-                              modalities=self.modalities)
+        return ValuationTable.sorted_by_index(*(torch.cat(parts[key]) for key in ("index", "label", "correct", "phi")),
+                                              self.modalities)
 
 
 def value_dataloader(model: nn.Module, dataloader: Iterable[Mapping[str, Any]], benefit: str = "official",

@@ -109,9 +109,8 @@ class ShapleyResampling(JointTraining):
             parts = {k: torch.cat(v) for k, v in self._online.items()}
             samples = parts.pop("sample")
             parts = {k: v[samples].cpu() for k, v in parts.items()}
-            order = torch.argsort(parts["index"], stable=True)
-            local = ValuationTable(parts["index"][order], parts["label"][order], parts["correct"][order],
-                                   parts["phi"][order], list(self.modalities))
+            local = ValuationTable.sorted_by_index(parts["index"], parts["label"], parts["correct"], parts["phi"],
+                                                   self.modalities)
         else:
             datamodule = self.trainer.datamodule
             loader = datamodule.unshuffled_train_dataloader(augment=self.valuation_transforms == "train")
