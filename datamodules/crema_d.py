@@ -288,8 +288,7 @@ class CremaDDataModule(PreparedCacheDataModule):
         actors = np.array([int(r["actor"]) for r in rows])
         labels = np.array([CLASSES.index(r["label"]) for r in rows])
         frames = np.array([int(r["frames"]) for r in rows])
-        lost = [c for c, n in zip(clips, frames)
-                if n < 1 or not (self.root / "audio" / f"{c}.npy").is_file() or not (self.root / "visual" / c).is_dir()]
+        lost = [c for c, n in zip(clips, frames) if n < 1 or not clip_cached(c, self.root)]
         if lost:
             raise self._missing_error(f"{len(lost)} clips of {self.root}/clips.csv have no spectrogram or frames "
                                       f"(e.g. {lost[:3]}); re-run the preparation, it resumes")

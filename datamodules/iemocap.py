@@ -564,7 +564,6 @@ class IEMOCAPDataModule(PreparedCacheDataModule):
     cache_files = ("meta.json", "utterances.csv", "audio", "visual")
     split_choices = ("session", "random")
     splits_help = SPLITS_HELP
-    item_noun = "utterance"
 
     def __init__(
         self,
@@ -608,7 +607,7 @@ class IEMOCAPDataModule(PreparedCacheDataModule):
         looks_raw = self.root is not None and (bool(_sessions(self.root))
                                                or (self.root / "IEMOCAP_full_release").is_dir())
         return missing_cache_error(
-            problem, title="IEMOCAP", root=self.root, looks_raw=looks_raw, command=COMMAND, raw_layout=RAW_LAYOUT,
+            problem, title=self.title, root=self.root, looks_raw=looks_raw, command=COMMAND, raw_layout=RAW_LAYOUT,
             cache_layout=CACHE_LAYOUT, obtained=f"from {SOURCE}", prepare="balance-prepare iemocap",
             download="release")
 

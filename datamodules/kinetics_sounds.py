@@ -451,8 +451,7 @@ class KineticsSoundsDataModule(PreparedCacheDataModule):
         labels = np.array([CLASSES.index(r["label"]) for r in rows], dtype=np.int64)
         raw_splits = np.array([r["split"] for r in rows], dtype=object)
         frames = np.array([int(r["frames"]) for r in rows])
-        lost = [c for c, n in zip(clips, frames)
-                if n < 1 or not (self.root / "audio" / f"{c}.npy").is_file() or not (self.root / "visual" / c).is_dir()]
+        lost = [c for c, n in zip(clips, frames) if n < 1 or not clip_cached(c, self.root)]
         if lost:
             raise self._missing_error(f"{len(lost)} clips of {self.root}/clips.csv have no fbank or frames "
                                       f"(e.g. {lost[:3]}); re-run the preparation, it resumes")
