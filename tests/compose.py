@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from balance.run import build, train
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -33,10 +38,6 @@ def model_logits_on_a_batch(overrides: list[str]):
     Returns:
         ``(datamodule, method, logits)``.
     """
-    import torch
-
-    from balance.run import build
-
     datamodule, method = build(compose_train(overrides))
     batch = next(iter(datamodule.val_dataloader()))
     with torch.no_grad():
@@ -50,12 +51,6 @@ def train_briefly(overrides: list[str], run_dir: Path) -> dict:
     Returns:
         The results (``{"test": {...}, "val": {...}}``).
     """
-    import json
-
-    import pytest
-
-    from balance.run import train
-
     cfg = compose_train([*overrides, "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
                          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], run_dir=run_dir)
     results = train(cfg)

@@ -3,8 +3,12 @@
 import csv
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
-from balance.run import train
+from balance.diagnostics import ContributionCallback
+from balance.run import build, train
+from balance.valuation import value_dataloader
 from compose import SYNTHETIC, compose_train
 
 
@@ -39,13 +43,6 @@ def test_contribution_tables_and_plots(tmp_path, method):
 def test_values_from_the_validation_steps_equal_a_separate_pass(tmp_path, method, drop):
     """The callback values the batches of the validation loop (on the features the evaluation step returns); the
     values are those of a separate valuation pass over the validation split with the same weights."""
-    import pytorch_lightning as pl
-    import torch
-
-    from balance.diagnostics import ContributionCallback
-    from balance.run import build
-    from balance.valuation import value_dataloader
-
     datamodule, module = build(compose_train([*SYNTHETIC, f"method={method}", "data.informativeness=[1.0,0.3]"]))
     callback = ContributionCallback(str(tmp_path), drop=drop, plots=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
