@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torchmetrics.classification import MulticlassAccuracy
 
 from balance.diagnostics.base import batches
+from balance.scopes import isolated_rng
 
 PROTOCOLS = {"val": "best val/acc", "paper": "best test/acc over epochs (protocol=paper)"}
 PAPER_MONITOR = "paper/test_acc"
@@ -32,12 +31,10 @@ class TestAccuracyEachEpoch(pl.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         accuracy = MulticlassAccuracy(pl_module.model.num_classes, average="micro").to(pl_module.device)
-        numpy_state = np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        with isolated_rng():
             for batch in batches(pl_module, trainer.datamodule.test_dataloader()):
                 features = pl_module.model.encode(batch["inputs"])
                 accuracy.update(pl_module.fused_logits(features, batch.get("present")), batch["label"])
-        np.random.set_state(numpy_state)
         pl_module.log(PAPER_MONITOR, accuracy.compute(), on_epoch=True, on_step=False)
 
 

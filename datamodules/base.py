@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from balance.models import zero_input
+from balance.dropping import drop_inputs
 from balance.missing import missing_mask
 
 SPLITS = ("train", "val", "test")
@@ -82,9 +82,7 @@ class IndexedDataset(Dataset):
         sample["index"] = index
         if self.keep is not None:
             present = self.keep[index]
-            sample["inputs"] = {
-                m: x if present[i] else zero_input(x) for i, (m, x) in enumerate(sample["inputs"].items())
-            }
+            sample["inputs"] = drop_inputs(sample["inputs"], self.modalities, present)
             sample["present"] = present
         return sample
 
@@ -115,7 +113,7 @@ class PlannedDataset(Dataset):
         if "present" in sample:
             keep = keep & sample["present"]
         if self.zero_inputs:
-            sample["inputs"] = {m: x if keep[j] else zero_input(x) for j, (m, x) in enumerate(sample["inputs"].items())}
+            sample["inputs"] = drop_inputs(sample["inputs"], list(sample["inputs"]), keep)
         sample["present"] = keep
         return sample
 

@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import abc
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from balance.valuation import _to_device
-
-
-@contextmanager
-def evaluating(method: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside the block; the method's training mode is restored afterwards, so a
-    diagnostic can run inside a training loop."""
-    was_training = method.training
-    method.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        method.train(was_training)
+from balance.scopes import evaluation_mode, module_device, to_device
 
 
 def batches(method: torch.nn.Module, dataloader: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
     """Yields the dataloader's batches on ``method``'s device (CPU for a method without parameters), with the
-    method in eval mode and gradients off (see :func:`evaluating`)."""
-    parameter = next(method.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    with evaluating(method):
+    method in eval mode and gradients off (see :func:`~balance.scopes.evaluation_mode`)."""
+    device = module_device(method)
+    with evaluation_mode(method):
         for batch in dataloader:
-            yield _to_device(dict(batch), device)
+            yield to_device(dict(batch), device)
 
 
 class Diagnostic(abc.ABC):

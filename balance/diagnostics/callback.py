@@ -12,7 +12,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic  # noqa: E402
 from balance.plots import log_figure  # noqa: E402
+from balance.scopes import isolated_rng  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def run_diagnostics(
     a training run exactly as it would be without it.
     """
     results = {}
-    numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with isolated_rng():
         for name, diagnostic in diagnostics.items():
             log.info("diagnostic %s ...", name)
             try:
@@ -54,7 +53,6 @@ def run_diagnostics(
             except Exception as error:  # noqa: BLE001 - reported in the outputs, the run goes on
                 log.error("diagnostic %s failed: %s: %s", name, type(error).__name__, error)
                 results[name] = {"error": f"{type(error).__name__}: {error}"}
-    np.random.set_state(numpy_state)
     return results
 
 

@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score  # noqa: E402
 
-from balance.diagnostics.base import Diagnostic, batches, evaluating  # noqa: E402
+from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
+from balance.scopes import evaluation_mode  # noqa: E402
 from balance.diagnostics.missing_modality import split_size  # noqa: E402
 
 PATHS = ("features", "inputs")
@@ -266,7 +267,7 @@ class EMAP(Diagnostic):
         num_modalities = len(modalities)
         if num_modalities < 2:
             raise ValueError(f"EMAP needs at least two modalities, the method has {modalities}")
-        with evaluating(method):
+        with evaluation_mode(method):
             split = _read_split(method, dataloader, keep_inputs=self.path == "inputs",
                                 chosen=self._chosen(dataloader))
             device = split.logits.device

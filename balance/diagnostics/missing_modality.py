@@ -30,9 +30,7 @@ from torch.nn import functional as F  # noqa: E402
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
-from balance.models.multimodal import zero_input  # noqa: E402
-# The one mask the datamodules use too; it should move into balance/ (DESIGN.md: balance/ never imports
-# datamodules/).
+from balance.dropping import drop_inputs  # noqa: E402
 from balance.missing import missing_mask  # noqa: E402
 
 DROPS = ("features", "inputs")
@@ -50,13 +48,6 @@ def split_size(dataloader: Iterable[Mapping[str, Any]]) -> int:
     if dataset is not None:
         return len(dataset)
     return max((int(batch["index"].max()) + 1 for batch in dataloader if len(batch["index"])), default=0)
-
-
-def _zero_rows(x: Any, keep: torch.Tensor) -> Any:
-    """``x`` with the rows where ``keep`` is False replaced by :func:`zero_input` (recursively for dicts)."""
-    if isinstance(x, Mapping):
-        return {k: _zero_rows(v, keep) for k, v in x.items()}
-    return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, zero_input(x))
 
 
 class MissingModalitySweep(Diagnostic):
@@ -115,7 +106,7 @@ class MissingModalitySweep(Diagnostic):
                 if self.drop == "features":
                     logits = method.fused_logits(features, keep=keep)
                 else:
-                    inputs = {m: _zero_rows(batch["inputs"][m], kept[:, i]) for i, m in enumerate(modalities)}
+                    inputs = drop_inputs(batch["inputs"], modalities, kept)
                     logits = method.fused_logits(method.model.encode(inputs), keep=present)
                 preds[k].append(logits.argmax(dim=1).cpu())
                 loss[k] += float(F.cross_entropy(logits.float(), batch["label"], reduction="sum"))

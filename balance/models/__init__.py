@@ -10,7 +10,8 @@ from balance.models.fusion import (
     SharedHead,
     SumFusion,
 )
-from balance.models.multimodal import MultimodalModel, drop_features, zero_input
+from balance.dropping import drop_features, zero_input
+from balance.models.multimodal import MultimodalModel
 
 __all__ = [
     "ConcatFusion",

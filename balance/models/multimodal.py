@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
-
 import torch
 from torch import nn
 
+from balance.dropping import drop_features, zero_input
 from balance.models.fusion import FusionHead
 
 
@@ -66,25 +65,3 @@ class MultimodalModel(nn.Module):
 
     def forward(self, inputs: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.fuse(self.encode(inputs), keep)
-
-
-def zero_input(x: Any) -> Any:
-    """An all-zero input of the same shape (recursively for dict inputs): how a dropped modality's input looks;
-    for token ids it is all padding (id 0)."""
-    if isinstance(x, Mapping):
-        return {k: zero_input(v) for k, v in x.items()}
-    return torch.zeros_like(torch.as_tensor(x))
-
-
-def drop_features(
-    features: Mapping[str, torch.Tensor], modalities: list[str], keep: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """Zeroes the features of modality ``m`` in the rows where ``keep[:, m]`` is False."""
-    if keep is None:
-        return dict(features)
-    if keep.shape[-1] != len(modalities):
-        raise ValueError(f"keep has {keep.shape[-1]} columns for {len(modalities)} modalities")
-    return {
-        m: features[m] * keep[..., i].to(features[m].dtype).view(-1, *([1] * (features[m].dim() - 1)))
-        for i, m in enumerate(modalities)
-    }
