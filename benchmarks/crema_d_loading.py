@@ -1,4 +1,4 @@
-"""Prepared CREMA-D loading against decoding audio and computing the STFT per item (DESIGN.md section 8: >= 5x).
+"""Prepared CREMA-D loading against decoding audio and computing the STFT per item (target: at least 5x).
 
 Writes ``--clips`` synthetic clips in CREMA-D's raw layout (``AudioWAV/<clip>.wav``: 16 kHz mono 16-bit,
 1.5-3.5 s; ``VideoFlash/<clip>.flv``: 480 x 360, 30 fps, Sorenson video + mp3 audio, as the real files), runs

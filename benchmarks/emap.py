@@ -1,4 +1,4 @@
-"""EMAP's cached-feature path against re-running the model on every pair (DESIGN.md section 8: at least 20x at
+"""EMAP's cached-feature path against re-running the model on every pair (target: at least 20x at
 N = 1,000).
 
 On synthetic AV-Digits-shaped data (audio [1, 64, 64], visual [1, 8, 8], 10 classes) and the AV-Digits model

@@ -1,6 +1,6 @@
 """Online modality valuation: the epoch in which the resampling methods value, against the joint baseline's epoch.
 
-DESIGN.md section 8: online mode (``method.valuation=online``: each training step's encoder features are valued
+Target: online mode (``method.valuation=online``: each training step's encoder features are valued
 on the spot through the fusion head, so no extra encoder pass) adds at most 5 % to a training epoch.
 
 On the default workload (``data=avdigits model=avdigits``, built from the Hydra configs exactly as

@@ -1,4 +1,4 @@
-"""Valuation pass against one evaluation pass (DESIGN.md section 8: at most 1.1x for M = 2 and 3).
+"""Valuation pass against one evaluation pass (target: at most 1.1x for M = 2 and 3).
 
 On the same synthetic image-like data ([N, 1, 32, 32] per modality) and the same eval-mode model (a
 ``SmallCNNEncoder`` per modality, concat fusion), times per pass over the data:
