@@ -1,5 +1,6 @@
-"""MM-SHAP: feature grouping with about equal counts, exact zero share for an ignored modality, one half for a
-symmetric model, efficiency of the sampled Shapley values, batched perturbations, the diagnostic's result."""
+"""MM-SHAP: feature grouping with about equal counts, the covering and the official layouts, exact zero share for
+an ignored modality, one half for a symmetric model, efficiency of the sampled Shapley values, batched
+perturbations, the diagnostic's result."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 from captum.attr import ShapleyValueSampling
 
 from balance.diagnostics.mm_shap import (
+    LAYOUTS,
     MMSHAP,
     feature_groups,
     grid_shape,
     group_features,
     mm_shap_values,
     permutation_generator,
+    token_count,
 )
 from balance.methods import JointTraining
 from diagnostic_fixtures import joint_method
@@ -96,6 +99,54 @@ def test_audio_video_grouping_gives_about_equal_counts():
     assert vectors["a"].count.tolist() == [16, 16] and vectors["b"].count.tolist() == [8, 8]
 
 
+def test_official_layout_leaves_the_official_strip_unmasked():
+    """224 x 224 image, p x p patches of 224 // p pixels from the top left: the right and bottom strip is in no
+    feature; the covering layout puts every pixel in a feature."""
+    image = torch.zeros(1, 3, 224, 224)
+    for p in range(3, 10):
+        size = 224 // p
+        official = group_features(image, p * p, layout="official")
+        assert official.count.tolist() == [p * p] and official.mask_shape == (1, 224, 224)
+        strip = official.index[0] == official.width
+        assert int(strip.sum()) == 224**2 - (p * size) ** 2  # the official share 1 - (p * (224 // p))^2 / 224^2
+        assert strip.double().mean().item() == pytest.approx(1 - (p * size) ** 2 / 224**2, rel=1e-12)
+        assert torch.bincount(official.index[0][~strip]).tolist() == [size * size] * (p * p)
+        grid = official.index[0].view(224, 224)
+        for k in (0, p + 1, p * p - 1):  # feature k: patch row k // p, column k % p
+            row, col = k // p * size, k % p * size
+            assert (grid[row:row + size, col:col + size] == k).all()
+        assert (grid[p * size:] == official.width).all() and (grid[:, p * size:] == official.width).all()
+        covering = group_features(image, p * p)
+        assert covering.count.tolist() == [p * p]
+        assert (covering.index < covering.width).all()  # every pixel in a feature
+        assert torch.bincount(covering.index[0]).min() > 0
+    # Per axis: a 64 x 50 spectrogram in 3 x 3 blocks of 21 x 16, a strip of 1 and 2; frame stacks cut frames,
+    # height and width by the same rule (3 frames of 32 x 32, target 16: 3 x 3 x 3 cells of 1 x 10 x 10).
+    spectrogram = group_features(torch.zeros(2, 1, 64, 50), 9, layout="official")
+    assert torch.bincount(spectrogram.index[0]).tolist() == [21 * 16] * 9 + [64 * 50 - 9 * 21 * 16]
+    frames = group_features(torch.zeros(2, 3, 3, 32, 32), 16, layout="official")
+    assert frames.count.tolist() == [27, 27] and frames.mask_shape == (3, 1, 32, 32)
+    assert torch.bincount(frames.index[0]).tolist() == [100] * 27 + [3 * (32 * 32 - 30 * 30)]
+    # Feature vectors keep the covering chunks under both layouts.
+    vector = torch.zeros(2, 40)
+    assert torch.equal(group_features(vector, 16, layout="official").index, group_features(vector, 16).index)
+    with pytest.raises(ValueError, match="layout"):
+        group_features(image, 9, layout="square")
+
+
+def test_official_layout_counts_special_tokens():
+    """4 tokens and a special [CLS] kept unmasked: p = ceil(sqrt(4)) = 2 without it, ceil(sqrt(5)) = 3 with it."""
+    tokens = torch.tensor([[1, 7, 8, 9, 10, 0, 0], [1, 7, 8, 9, 10, 11, 0]])  # 1 = [CLS], 0 = padding
+    x = {"visual": torch.zeros(2, 3, 224, 224), "text": tokens}
+    covering, official = (feature_groups(x, keep_token_ids=[1], layout=layout) for layout in LAYOUTS)
+    assert token_count(tokens, [1]).tolist() == [4, 5]
+    assert token_count(tokens, [1], layout="official").tolist() == [5, 6]
+    assert covering["visual"].count.tolist() == [4, 9] and official["visual"].count.tolist() == [9, 9]
+    # The special token is never a feature under either layout.
+    assert covering["text"].count.tolist() == official["text"].count.tolist() == [4, 5]
+    assert (official["text"].index[:, 0] == official["text"].width).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shapley values
 
@@ -146,6 +197,48 @@ def test_sampled_values_are_efficient():
     for m, phi in out["phi"].items():
         unused = torch.arange(phi.shape[1]) >= out["count"][m].unsqueeze(1)
         assert (phi[unused] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sampled_values_are_efficient_under_both_layouts(layout):
+    """sum phi = f(x) - f(every feature masked); under ``official`` the strip stays in the all-masked input."""
+    method = image_text_method()
+    x = image_text_batch()  # 16 x 16 images; 3, 7, 12, 1, 5 tokens: p = 2, 3, 4, 1, 3 (official: a 1-pixel strip
+    with torch.no_grad():  # for p = 3)
+        out = mm_shap_values(method, x, n_samples=3, perturbations_per_eval=8, layout=layout)
+        groups = feature_groups(x, layout=layout)
+        masked = {m: torch.where(groups[m].element_mask(torch.zeros(len(v), groups[m].width, dtype=torch.bool),
+                                                        rest=True), v, 0) for m, v in x.items()}
+        target = out["prediction"].unsqueeze(1)
+        full = method.fused_logits(method.model.encode(x)).gather(1, target).squeeze(1)
+        empty = method.fused_logits(method.model.encode(masked)).gather(1, target).squeeze(1)
+        total = sum(phi.sum(dim=1) for phi in out["phi"].values())
+    torch.testing.assert_close(total, full - empty, atol=1e-4, rtol=1e-4)
+    strip = masked["visual"].abs().sum(dim=(1, 2, 3)) > 0
+    assert strip.tolist() == ([False] * 5 if layout == "covering" else [False, True, False, False, True])
+
+
+def test_an_input_informative_only_in_the_strip_gets_zero_share_under_official():
+    """Images zero except the last row and column, 9 tokens (p = 3, 5-pixel patches of a 16 x 16 image): under
+    ``official`` no feature changes the image, under ``covering`` the strip belongs to the edge patches."""
+    method = image_text_method()
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, 30, (4, 12), generator=generator)
+    tokens[:, 9:] = 0
+    image = torch.zeros(4, 3, 16, 16)
+    image[:, :, 15, :] = 3 * torch.randn(4, 3, 16, generator=generator)
+    image[:, :, :, 15] = 3 * torch.randn(4, 3, 16, generator=generator)
+    loader = [{"inputs": {"visual": image, "text": tokens}, "label": torch.zeros(4, dtype=torch.long),
+               "index": torch.arange(4)}]
+    official = MMSHAP(n_samples=2, perturbations_per_eval=1, layout="official")
+    result = official.compute(method, loader)
+    assert result["share"]["visual"] == [0.0] * 4 and result["share"]["text"] == [1.0] * 4
+    assert result["num_features"] == {"visual": 9.0, "text": 9.0}
+    assert "official feature layout" in official.summary(result)
+    covering = MMSHAP(n_samples=2, perturbations_per_eval=1).compute(method, loader)
+    assert all(share > 0.01 for share in covering["share"]["visual"])
+    with pytest.raises(ValueError, match="layout"):
+        MMSHAP(layout="square")
 
 
 def test_batched_perturbations_give_the_same_values():
