@@ -2,8 +2,8 @@
 (Wang et al., "Recipe recognition with large multimodal food dataset", ICME workshops 2015).
 
 Preparation (once): ``balance-prepare food101 --raw RAW --out OUT`` turns the download (``RAW_LAYOUT``) into the
-image + text cache of :mod:`datamodules.image_text`: images re-encoded as JPEG with a short side of 256, texts
-cleaned and tokenised, and each pair's part of the official train/test split in the ``part`` column of
+image + text cache of :mod:`datamodules.image_text_prepare`: images re-encoded as JPEG with a short side of 256,
+texts cleaned and tokenised, and each pair's part of the official train/test split in the ``part`` column of
 ``items.csv``. Images without a text row, text rows without an image, and unreadable images are counted and listed
 in ``OUT/prepare_report.txt``.
 
@@ -23,16 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.image_text import (
-    IMAGE_SUFFIXES,
-    ImageTextDataModule,
-    ImageTextSource,
-    Pair,
-    clean_text,
-    decode_text,
-    prepare_command,
-    write_cache,
-)
+from datamodules.image_text import ImageTextDataModule
+from datamodules.image_text_prepare import Pair, prepare_command, write_cache
+from datamodules.image_text_raw import IMAGE_SUFFIXES, ImageTextSource, clean_text, decode_text
 from datamodules.preparation import PrepareReport
 
 PARTS = ("train", "test")

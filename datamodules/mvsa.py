@@ -11,9 +11,9 @@ usual aggregation in the literature (e.g. MultiSentiNet, Xu and Mao, CIKM 2017) 
 Classes are the three sentiments in sorted order, MLA's indices: negative 0, neutral 1, positive 2.
 
 Preparation (once): ``balance-prepare mvsa --raw RAW --out OUT`` writes the image + text cache of
-:mod:`datamodules.image_text` (images re-encoded as JPEG with a short side of 256, tweets cleaned and tokenised);
-the two raw labels stay in ``items.csv``. Tweets are read whatever their encoding (UTF-8, else Windows-1252, else
-Latin-1); URLs are dropped and user mentions become ``@user``.
+:mod:`datamodules.image_text_prepare` (images re-encoded as JPEG with a short side of 256, tweets cleaned and
+tokenised); the two raw labels stay in ``items.csv``. Tweets are read whatever their encoding (UTF-8, else
+Windows-1252, else Latin-1); URLs are dropped and user mentions become ``@user``.
 
 Splits: seeded stratified train/val/test (8:1:1 by default), a pooled random split, or user-supplied split files
 in MMBT's jsonl or MLA's txt format (MLA's ``my_train_mvsa.txt``/``my_test_mvsa.txt``: 1,555/519 pairs).
@@ -27,15 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.image_text import (
-    ImageTextDataModule,
-    ImageTextSource,
-    Pair,
-    clean_text,
-    decode_text,
-    prepare_command,
-    write_cache,
-)
+from datamodules.image_text import ImageTextDataModule
+from datamodules.image_text_prepare import Pair, prepare_command, write_cache
+from datamodules.image_text_raw import ImageTextSource, clean_text, decode_text
 from datamodules.preparation import PrepareReport
 from datamodules.splits import random_split, stratified_split
 
@@ -70,7 +64,7 @@ def aggregate(text_label: str, image_label: str) -> str | None:
 
 
 def clean_tweet(text: str) -> str:
-    """:func:`~datamodules.image_text.clean_text` with user mentions replaced by ``@user``."""
+    """:func:`~datamodules.image_text_raw.clean_text` with user mentions replaced by ``@user``."""
     return _MENTION.sub("@user", clean_text(text))
 
 

@@ -14,15 +14,9 @@ import torch
 
 from compose import model_logits_on_a_batch, train_briefly
 from raw_media import write_video, write_wav
-from datamodules.iemocap import (
-    CLASS_OF_CODE,
-    CLASSES,
-    IEMOCAPDataModule,
-    frame_times,
-    grab_frames,
-    parse_labels,
-    parse_transcription,
-)
+from datamodules.iemocap import IEMOCAPDataModule
+from datamodules.iemocap_media import frame_times, grab_frames
+from datamodules.iemocap_raw import CLASS_OF_CODE, CLASSES, parse_labels, parse_transcription
 from datamodules.prepare import main as balance_prepare
 
 # Per dialog, the EmoEvaluation code of each utterance (alternating speakers F, M). Left out by label: fru, xxx.

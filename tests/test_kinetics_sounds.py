@@ -14,16 +14,9 @@ import torch
 
 from compose import model_logits_on_a_batch, small_encoder, train_briefly
 from raw_media import write_video
-from datamodules.kinetics_sounds import (
-    CLASSES,
-    NORM_MEAN,
-    NORM_STD,
-    KineticsSoundsDataModule,
-    class_of,
-    clip_key,
-    frame_indices,
-    read_list_file,
-)
+from datamodules.kinetics_sounds import KineticsSoundsDataModule, frame_indices
+from datamodules.kinetics_sounds_media import NORM_MEAN, NORM_STD
+from datamodules.kinetics_sounds_raw import CLASSES, class_of, clip_key, read_list_file
 from datamodules.prepare import main as balance_prepare
 
 # Folder names as users have them: spaces, underscores, capitals.

@@ -14,7 +14,7 @@ from PIL import Image
 
 from compose import model_logits_on_a_batch, small_encoder, train_briefly
 from raw_media import write_jpg
-from datamodules.image_text import read_split_file
+from datamodules.image_text_raw import read_split_file
 from datamodules.mvsa import CLASSES, MVSADataModule, aggregate, read_labels
 from datamodules.prepare import main as balance_prepare
 from datamodules.text import PAD_ID, Vocabulary, tokenize
