@@ -2,22 +2,64 @@
 keeping only one modality.
 
 A plan is ``(indices, keep)``: every sample of the split once with all modalities, followed by extra copies, each
-a sample index and a ``BoolTensor[M]`` that keeps one modality. Pure functions: the methods call them and hand
-the plan to the datamodule.
+a sample index and a ``BoolTensor[M]`` that keeps one modality. The plan builders are pure functions; the plan in
+use lives in one :class:`TrainingPlan` object that the method fills and checkpoints and the datamodule serves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 # Official thresholds on a modality's contribution (official benefit): at least 1 -> no copy; (0.4, 1) -> 1;
 # (-0.1, 0.4] -> 2; at most -0.1 -> 3. With the official benefit a modality that does all it can is worth 1.
-# (The official code writes 0.4 < phi < 0.9 and -0.1 < phi < 0.4; its values lie in {-0.5, 0, 0.5, 1, 1.5},
-# where both readings agree.)
 OFFICIAL_THRESHOLDS = (-0.1, 0.4, 1.0)
 VARIANTS = ("linear", "tanh", "power")
+
+
+class TrainingPlan:
+    """The training plan in use: item ``i`` of the next training epochs is sample ``indices[i]`` keeping only the
+    modalities ``keep[i]`` (inputs of the others zeroed too when ``zero_inputs``); inactive until first set.
+
+    One object shared by the method that builds it (and saves it in its checkpoints) and the datamodule that
+    serves it, so there is nothing to re-synchronise after a plan is built or a checkpoint restored.
+    """
+
+    def __init__(self) -> None:
+        self.indices: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        self.zero_inputs = False
+
+    @property
+    def active(self) -> bool:
+        """Whether a plan is set (otherwise the training split is served as it is)."""
+        return self.indices is not None
+
+    def __len__(self) -> int:
+        return 0 if self.indices is None else len(self.indices)
+
+    def set(self, indices: torch.Tensor, keep: torch.Tensor, zero_inputs: bool = False) -> None:
+        """Makes ``(indices [N'], keep [N', M])`` the plan from the next training loader on."""
+        if len(indices) != len(keep):
+            raise ValueError(f"a plan needs one keep row per index, got {len(indices)} and {len(keep)}")
+        self.indices, self.keep, self.zero_inputs = indices.long(), keep.bool(), bool(zero_inputs)
+
+    def clear(self) -> None:
+        """Back to the training split itself."""
+        self.indices = self.keep = None
+        self.zero_inputs = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and a bool only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        return {"indices": self.indices, "keep": self.keep, "zero_inputs": self.zero_inputs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("indices") is None:
+            self.clear()
+        else:
+            self.set(state["indices"], state["keep"], state.get("zero_inputs", False))
 
 
 def sample_level_copies(phi: torch.Tensor, thresholds: Sequence[float] = OFFICIAL_THRESHOLDS,
@@ -113,6 +155,7 @@ def plan_summary(keep: torch.Tensor, modalities: Sequence[str], num_samples: int
 
 __all__ = [
     "OFFICIAL_THRESHOLDS",
+    "TrainingPlan",
     "estimate_mean_contribution",
     "modality_level_extra",
     "plan_from_copies",

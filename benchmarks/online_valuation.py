@@ -22,7 +22,7 @@ of ``fit``, the epoch-end hook included. The fit is also split into the training
 to the method's ``on_train_epoch_end``) and that hook (metrics logging, valuation table, plan).
 
 Before every run the global RNGs are seeded identically and the datamodule's training plan is reset
-(``set_train_plan(None)``: a resampling run leaves its plan there), so every run trains on the same batches in
+(``train_plan.clear()``: a resampling run leaves its plan there), so every run trains on the same batches in
 the same order with the same augmentations. Online valuation is gradient-free and the default concat head has
 neither dropout nor BatchNorm, so every variant ends with the joint baseline's weights (checked: max |diff|).
 
@@ -123,7 +123,7 @@ class Bench:
         Returns:
             ``(model, method)``.
         """
-        self.datamodule.set_train_plan(None)
+        self.datamodule.train_plan.clear()
         pl.seed_everything(self.seed, verbose=False)
         cfg = self.cfgs[name]
         model = instantiate(build_model_config(cfg, self.datamodule))
@@ -158,9 +158,9 @@ class Bench:
                   "global_step": trainer.global_step, "state": model.state_dict()}
         if hasattr(method, "valuation"):
             # The epoch must have been a valuing one, or the benchmark would time plain joint training.
-            if method.table is None or method.plan is None:
+            if method.table is None or not method.plan.active:
                 raise RuntimeError(f"{name}: no valuation or plan after the epoch (warmup_epochs?)")
-            result |= {"valued": len(method.table), "plan": len(method.plan[0])}
+            result |= {"valued": len(method.table), "plan": len(method.plan)}
         return result
 
 
@@ -246,8 +246,8 @@ def profile_fit(name: str, seed: int, top: int) -> None:
           f"profiler:")
     stats.sort_stats("cumulative").print_stats(top)
     watched = ("observe_step", "_value_online", "subset_values", "shapley_values", "_value_training_split",
-               "value_dataloader", "build_plan", "set_train_plan", "log_metrics", "log_epoch_metrics",
-               "_apply_plan", "training_step")
+               "value_dataloader", "build_plan", "_replan", "log_metrics", "log_epoch_metrics",
+               "training_step")
     ours = {(Path(path).name, func): (calls, cumulative)
             for (path, _, func), (_, calls, _, cumulative, _) in stats.stats.items()
             if func in watched and ("balance" in path or "datamodules" in path)}

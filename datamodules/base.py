@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from balance.dropping import drop_inputs
+from balance.resampling import TrainingPlan
 from balance.missing import missing_mask
 
 SPLITS = ("train", "val", "test")
@@ -88,21 +89,21 @@ class IndexedDataset(Dataset):
 
 
 class PlannedDataset(Dataset):
-    """A training plan over a split: item i is sample ``indices[i]`` with only the modalities ``keep[i]``.
+    """A split served through a :class:`~balance.resampling.TrainingPlan`: item i is sample ``indices[i]`` with
+    only the modalities ``keep[i]``.
 
     ``index`` stays the sample's position in its split, so per-sample bookkeeping sees copies as their sample.
-    ``present`` (combined with any missing-modality mask) tells the model which features to zero; with
-    ``zero_inputs`` the dropped modalities' inputs are zeroed too.
+    ``present`` (combined with any missing-modality mask) tells the model which features to zero; with the
+    plan's ``zero_inputs`` the dropped modalities' inputs are zeroed too.
     """
 
-    def __init__(self, dataset: Dataset, indices: torch.Tensor, keep: torch.Tensor, zero_inputs: bool = False
-                 ) -> None:
-        if len(indices) != len(keep):
-            raise ValueError(f"a plan needs one keep row per index, got {len(indices)} and {len(keep)}")
+    def __init__(self, dataset: Dataset, plan: TrainingPlan) -> None:
+        if not plan.active:
+            raise ValueError("PlannedDataset needs an active plan")
         self.dataset = dataset
-        self.indices = indices
-        self.keep = keep
-        self.zero_inputs = zero_inputs
+        self.indices = plan.indices
+        self.keep = plan.keep
+        self.zero_inputs = plan.zero_inputs
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -158,7 +159,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.datasets: dict[str, IndexedDataset] = {}
         self._train_eval: IndexedDataset | None = None
-        self.train_plan: PlannedDataset | None = None
+        self.train_plan = TrainingPlan()
 
     def build_datasets(self) -> dict[str, Dataset]:
         """Returns the raw ``train``/``val``/``test`` datasets (items without ``index``).
@@ -191,16 +192,18 @@ class MultimodalDataModule(pl.LightningDataModule):
             # The same missing-modality mask as training: the view shows the split as training sees it.
             self._train_eval = IndexedDataset(raw["train_eval"], list(self.modalities), masks["train"])
 
-    def set_train_plan(self, indices: torch.Tensor | None, keep: torch.Tensor | None = None,
-                       zero_inputs: bool = False) -> None:
-        """Trains on a plan (see :class:`PlannedDataset`) from the next training loader on; ``None`` resets.
+    def use_train_plan(self, plan: TrainingPlan) -> None:
+        """Serves the training split through ``plan`` (the resampling method's own object) from the next
+        training loader on; the method sets the plan between epochs and the trainer reloads the training loader
+        every epoch (the method sets ``trainer.reload_dataloaders_every_n_epochs=1``)."""
+        self.train_plan = plan
 
-        Methods that resample set it between epochs, with the trainer reloading the training loader every
-        epoch (``trainer.reload_dataloaders_every_n_epochs=1``, set by their configs).
-        """
+    def train_dataset(self) -> Dataset:
+        """The training split as the next epoch trains on it: through the plan when one is set."""
         self.setup()
-        self.train_plan = None if indices is None else PlannedDataset(self.datasets["train"], indices, keep,
-                                                                      zero_inputs)
+        if self.train_plan.active:
+            return PlannedDataset(self.datasets["train"], self.train_plan)
+        return self.datasets["train"]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = _distributed_sampler(dataset, shuffle) if _world_size() > 1 else None
@@ -216,7 +219,7 @@ class MultimodalDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_plan or self.datasets["train"], self.batch_size, shuffle=True)
+        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
 
     def evaluation_view(self, split: str) -> Dataset:
         """The split as evaluation sees it: for ``train``, without training augmentation when the datamodule

@@ -25,6 +25,8 @@ class SyntheticDataModule(MultimodalDataModule):
         num_classes: number of classes.
         feature_dim: size of every feature vector.
         num_samples: samples over all splits.
+        image_shape: if set (e.g. ``[1, 4, 4]``, whose product is ``feature_dim``), every feature vector is served
+            reshaped to it, as a tiny image for convolutional encoders (``model=small_cnn``).
         val_fraction: fraction of samples in the validation split.
         test_fraction: fraction of samples in the test split.
         **kwargs: the base datamodule's arguments.
@@ -37,6 +39,7 @@ class SyntheticDataModule(MultimodalDataModule):
         num_classes: int = 4,
         feature_dim: int = 16,
         num_samples: int = 2000,
+        image_shape: Sequence[int] | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         **kwargs,
@@ -49,6 +52,10 @@ class SyntheticDataModule(MultimodalDataModule):
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.num_samples = num_samples
+        if image_shape is not None and int(np.prod(image_shape)) != feature_dim:
+            raise ValueError(f"image_shape {list(image_shape)} holds {int(np.prod(image_shape))} values, "
+                             f"feature_dim is {feature_dim}")
+        self.image_shape = None if image_shape is None else tuple(int(d) for d in image_shape)
         self.fractions = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
 
     def build_datasets(self) -> dict[str, Dataset]:
@@ -59,6 +66,8 @@ class SyntheticDataModule(MultimodalDataModule):
             prototypes = rng.standard_normal((self.num_classes, self.feature_dim))
             noise = rng.standard_normal((self.num_samples, self.feature_dim))
             features[m] = torch.from_numpy(scale * prototypes[labels] + noise).float()
+            if self.image_shape is not None:
+                features[m] = features[m].view(-1, *self.image_shape)
         parts = stratified_split(labels, self.fractions, self.seed)
         labels_t = torch.from_numpy(labels)
         return {

@@ -11,7 +11,8 @@ from balance.run import build_model_config
 from compose import CONF_DIR, compose_train
 
 # Data each model config is built for (a new model config is tested with avdigits unless listed here).
-MODEL_DATA = {"mlp": "synthetic", "easy_vqa": "easy_vqa", "iemocap": "iemocap", "food101": "food101", "mvsa": "mvsa"}
+MODEL_DATA = {"mlp": "synthetic", "small_cnn": "synthetic", "easy_vqa": "easy_vqa", "iemocap": "iemocap", "food101": "food101",
+              "mvsa": "mvsa"}
 
 
 def _compose(overrides: list[str], run_dir=None):
@@ -33,7 +34,8 @@ def _all_yaml() -> list[str]:
 
 def test_every_yaml_is_covered():
     covered = {"train.yaml"}
-    for group in ("data", "model", "model/fusion", "method", "trainer", "logger", "callbacks", "diagnostics"):
+    for group in ("data", "model", "model/fusion", "method", "optimizer", "scheduler", "trainer", "logger", "callbacks",
+                  "diagnostics"):
         covered |= {f"{group}/{name}.yaml" for name in _configs(group)}
     covered |= {f"experiment/{name}.yaml" for name in _configs("experiment", nested=True)}
     covered |= {f"recipe/{name}.yaml" for name in _configs("recipe")}  # see test_every_recipe_is_used
@@ -77,10 +79,22 @@ def test_fusion_config_runs(name):
 
 @pytest.mark.parametrize("name", _configs("method"))
 def test_method_config_instantiates(name):
-    cfg = _compose(["data=synthetic", "model=mlp", f"method={name}"])
+    cfg = _compose(["data=avdigits", "model=avdigits", f"method={name}"])
     model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
     method = instantiate(cfg.method, model=model)
     assert method.configure_optimizers() is not None
+
+
+@pytest.mark.parametrize("optimizer", _configs("optimizer"))
+@pytest.mark.parametrize("scheduler", _configs("scheduler"))
+def test_optimizer_and_scheduler_configs_build_for_every_method(optimizer, scheduler):
+    cfg = _compose(["data=synthetic", "model=mlp", f"optimizer={optimizer}", f"scheduler={scheduler}"])
+    method = instantiate(cfg.method, model=instantiate(build_model_config(cfg, _FakeData(cfg.data))))
+    configured = method.configure_optimizers()
+    expected = cfg.method.optimizer._target_.rsplit(".", 1)[1]
+    assert type(configured["optimizer"]).__name__ == expected
+    assert configured["optimizer"].defaults["lr"] == cfg.method.optimizer.lr
+    assert type(configured["lr_scheduler"]["scheduler"]).__name__ == cfg.method.scheduler._target_.rsplit(".", 1)[1]
 
 
 @pytest.mark.parametrize("name", _configs("trainer"))

@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from balance.methods.mla import batch_entropy_weights, entropy_weights, update_projector
+from balance.methods.step import Step
 from balance.run import build, train
 from compose import SYNTHETIC, compose_train
 
@@ -99,6 +100,11 @@ def test_one_step_per_modality_changes_its_encoder_and_the_head(modalities):
     assert recorder.changed == [{m, "linear"} for m in modalities]
 
 
+def _unimodal_step(features, batch_idx):
+    """The step object of modality m0's unimodal step on ``features`` (all the gradient hook reads)."""
+    return Step({}, batch_idx, {"m0": features}, None, {}, modality="m0")
+
+
 def test_hgm_modifies_head_gradient_with_projector():
     cfg, datamodule, method = _method()
     method.trainer = pl.Trainer(accelerator="cpu", logger=False)  # world_size; batch_idx 0 gives alpha = 0.1
@@ -108,7 +114,7 @@ def test_hgm_modifies_head_gradient_with_projector():
     weight.grad = torch.randn_like(weight)
     method.hgm_steps.fill_(1)  # the very first step is skipped, as in the official code
     before, grad = method.projector.clone(), weight.grad.clone()
-    method._modify_head_gradient(features, batch_idx=0)
+    method.modify_gradients(_unimodal_step(features, batch_idx=0))
     expected_P = update_projector(before, features, alpha=0.1)
     assert torch.allclose(method.projector, expected_P)
     assert torch.allclose(weight.grad, grad @ expected_P.T)
@@ -119,7 +125,7 @@ def test_first_step_leaves_gradient_alone():
     weight = method.model.fusion.linear.weight
     weight.grad = torch.randn_like(weight)
     grad = weight.grad.clone()
-    method._modify_head_gradient(torch.randn(4, weight.shape[1]), batch_idx=0)
+    method.modify_gradients(_unimodal_step(torch.randn(4, weight.shape[1]), batch_idx=0))
     assert torch.equal(weight.grad, grad) and torch.equal(method.projector, torch.eye(weight.shape[1]))
 
 

@@ -66,14 +66,14 @@ def test_planned_copy_keeps_only_its_modality():
     dm = SyntheticDataModule(num_samples=200, batch_size=8)
     dm.setup()
     indices, keep = plan_from_copies(torch.tensor([[0, 1]] + [[0, 0]] * (len(dm.datasets["train"]) - 1)))
-    dm.set_train_plan(indices, keep)
-    copy = dm.train_plan[len(dm.datasets["train"])]
+    dm.train_plan.set(indices, keep)
+    copy = dm.train_dataset()[len(dm.datasets["train"])]
     original = dm.datasets["train"][0]
     assert copy["index"] == 0 and copy["present"].tolist() == [False, True]
     assert torch.equal(copy["inputs"]["m0"], original["inputs"]["m0"])  # features are dropped by the model
-    dm.set_train_plan(indices, keep, zero_inputs=True)
-    copy = dm.train_plan[len(dm.datasets["train"])]
+    dm.train_plan.set(indices, keep, zero_inputs=True)
+    copy = dm.train_dataset()[len(dm.datasets["train"])]
     assert not copy["inputs"]["m0"].any() and torch.equal(copy["inputs"]["m1"], original["inputs"]["m1"])
     assert len(dm.train_dataloader().dataset) == len(dm.datasets["train"]) + 1
-    dm.set_train_plan(None)
+    dm.train_plan.clear()
     assert len(dm.train_dataloader().dataset) == len(dm.datasets["train"])

@@ -42,7 +42,7 @@ def test_resampling_trains_on_plans(tmp_path, method, valuation):
 def test_copy_trains_only_its_modality():
     cfg = compose_train([*FAST, "method=sample_level"])
     datamodule, method = build(cfg)
-    datamodule.set_train_plan(torch.tensor([0, 1, 2, 3]), torch.tensor([[False, True]] * 4))
+    datamodule.train_plan.set(torch.tensor([0, 1, 2, 3]), torch.tensor([[False, True]] * 4))
     batch = next(iter(datamodule.train_dataloader()))
     method.training_step(batch, 0).backward()
     dropped = [p.grad for n, p in method.model.named_parameters() if n.startswith("encoders.m0")]
@@ -73,7 +73,7 @@ def test_online_valuation_needs_no_extra_encoder_pass(tmp_path, valuation):
     trainer.fit(method, datamodule=datamodule)
     valuation_batches = len(datamodule.unshuffled_train_dataloader())
     assert calls.count == train_batches + (valuation_batches if valuation == "pass" else 0)
-    assert method.plan is not None
+    assert method.plan.active
 
 
 def test_resume_reproduces_plan_and_metrics(tmp_path):

@@ -69,17 +69,21 @@ class ContributionCallback(pl.Callback):
 
     Args:
         dirpath: output directory (``${run_dir}/contributions`` in the config).
-        benefit: valuation benefit (``official``, ``correct``, ``true_prob``).
-        drop: ``features`` or ``inputs``.
+        benefit: valuation benefit (``official``, ``correct``, ``true_prob``); ``None`` (default): the method's
+            own (``method.valuation_settings()``), else ``official``.
+        drop: ``features`` or ``inputs``; ``None`` (default): the method's own, else ``features``.
         every_n_epochs: value every n-th epoch.
         plots: write and log the figures.
     """
 
-    def __init__(self, dirpath: str, benefit: str = "official", drop: str = "features", every_n_epochs: int = 1,
+    def __init__(self, dirpath: str, benefit: str | None = None, drop: str | None = None, every_n_epochs: int = 1,
                  plots: bool = True) -> None:
         self.dirpath = Path(dirpath)
         self.benefit = benefit
         self.drop = drop
+        # What is used: the given options, else (at setup) the method's own.
+        self._benefit = benefit or "official"
+        self._drop = drop or "features"
         self.every_n_epochs = every_n_epochs
         self.plots = plots
         self.history: dict[str, list[tuple[int, dict[str, float]]]] = {"val": [], "train": []}
@@ -90,13 +94,18 @@ class ContributionCallback(pl.Callback):
     # The validation and test batches are valued as they pass, on the features the method's evaluation step
     # returns when it returns them: no second pass over the split, no encoder run twice, no draw from the RNG.
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        own = pl_module.valuation_settings()
+        self._benefit = self.benefit or own.get("benefit", "official")
+        self._drop = self.drop or own.get("drop", "features")
+
     def _start(self, pl_module: pl.LightningModule) -> None:
         self._builder = TableBuilder(pl_module.model.modalities)
-        self._cache = ZeroInputCache() if self.drop == "inputs" else None
+        self._cache = ZeroInputCache() if self._drop == "inputs" else None
 
     def _observe(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
-        features = outputs.get("features") if isinstance(outputs, Mapping) and self.drop == "features" else None
-        self._builder.add(modality_shapley(pl_module.model, batch, benefit=self.benefit, drop=self.drop,
+        features = outputs.get("features") if isinstance(outputs, Mapping) and self._drop == "features" else None
+        self._builder.add(modality_shapley(pl_module.model, batch, benefit=self._benefit, drop=self._drop,
                                            cache=self._cache, features=features))
 
     def _finish(self, pl_module: pl.LightningModule, split: str) -> ValuationTable:
@@ -149,7 +158,7 @@ class ContributionCallback(pl.Callback):
 
     def _record_training_table(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         # The resampling methods value the training split at the end of an epoch, after this callback's hooks.
-        table = getattr(pl_module, "table", None)
+        table = pl_module.training_valuation()
         if table is not None and table is not self._train_table_seen:
             self._train_table_seen = table
             self._record(trainer, "train", epoch, table)

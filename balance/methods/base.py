@@ -1,21 +1,46 @@
-"""`MultimodalMethod`: the small base every training method shares (metrics, optimizers, logging, RNG state)."""
+"""`MultimodalMethod`: the base every training method stands on.
+
+The contract a method writes against (each part is optional):
+
+- ``loss_terms(step)``: the named loss terms of a :class:`~balance.methods.step.Step` (default: cross-entropy
+  on the fused logits). The base's ``training_step`` runs the shared forward pass once (``forward_step``: features,
+  fused and unimodal logits), adds the loss terms, calls ``observe_step`` and logs the metrics.
+- ``observe_step(step)``: sees every training step's object (e.g. to value its samples), no extra forward pass.
+- ``modify_gradients(step)``: the gradient hook, called after backward and before the optimizer step, under
+  automatic optimization (from Lightning's ``on_before_optimizer_step``) and under manual optimization (through
+  :meth:`MultimodalMethod.manual_optimizer_step`). Under DDP the gradients it sees are already averaged over the
+  ranks, while the step's tensors are the rank's own: reduce what decides a modification with
+  :meth:`MultimodalMethod.reduce_across_ranks` so that every rank modifies alike.
+- ``model.modality_parameters(m)`` / ``model.shared_parameters()``: the parameters of modality m and the rest.
+- ``declare_metric(name, stages)`` once in ``__init__`` and ``record(name, value)`` per step or epoch: the method's
+  own controlling quantities, averaged and logged per epoch with the accuracies (never ``self.log`` per step).
+- ``self.generator``: the method's seeded random generator, the same on every rank and restored on resume.
+- :class:`~balance.methods.epochs.EpochWindow`: the epochs in which a mechanism is active.
+- ``trainer_settings``: trainer attributes the method needs (e.g. reloading the training loader every epoch);
+  the base sets them when the run starts and says so.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from balance.methods.step import Step
 from balance.models import MultimodalModel
 
 STAGES = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 class MultimodalMethod(pl.LightningModule):
@@ -23,14 +48,18 @@ class MultimodalMethod(pl.LightningModule):
     accuracy (through ``model.unimodal_logits``), macro-F1 and the loss, as ``<stage>/acc``,
     ``<stage>/acc_<modality>``, ``<stage>/f1`` and ``<stage>/loss``.
 
-    Subclasses implement ``training_step``; validation and test evaluate the fused prediction. A subclass that
-    overrides an ``on_<stage>_epoch_end`` hook calls ``super()`` so the stage's metrics are logged.
+    A method overrides the parts of the contract it needs (module docstring); validation and test evaluate the
+    method's prediction (``fused_logits``). A subclass that overrides an ``on_<stage>_epoch_end`` hook calls
+    ``super()`` so the stage's metrics are logged.
 
     Args:
         model: the multimodal model.
         optimizer: a ``_partial_`` optimizer taking the parameters.
         scheduler: an optional ``_partial_`` LR scheduler taking the optimizer, stepped once per epoch.
     """
+
+    #: trainer attributes the method needs, set when the run starts (e.g. ``{"reload_dataloaders_every_n_epochs": 1}``)
+    trainer_settings: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(
         self,
@@ -46,6 +75,10 @@ class MultimodalMethod(pl.LightningModule):
         # nn.Module already has a `train` attribute, so the collections are named `<stage>_metrics`.
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", self._stage_metrics(model.num_classes))
+            setattr(self, f"{stage}_method_metrics", nn.ModuleDict())
+        self._generators: dict[str, torch.Generator] = {}
+        self._generator_states: dict[str, torch.Tensor] = {}
+        self._pending_step: Step | None = None
 
     def _stage_metrics(self, num_classes: int) -> MetricCollection:
         metrics = {
@@ -58,6 +91,122 @@ class MultimodalMethod(pl.LightningModule):
 
     def forward(self, inputs: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(inputs, keep)
+
+    # -- the step contract ---------------------------------------------------------------------------------------
+
+    def forward_step(self, batch: Mapping[str, Any], batch_idx: int) -> Step:
+        """The shared forward pass: every encoder once, the fused logits (missing modalities dropped by
+        ``present``), each modality's own logits, and the method's loss terms."""
+        features = self.model.encode(batch["inputs"])
+        step = Step(batch, batch_idx, features, self.model.fuse(features, keep=batch.get("present")),
+                    self.model.unimodal_logits(features))
+        step.losses = dict(self.loss_terms(step))
+        return step
+
+    def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
+        """The step's named loss terms (summed into its loss); cross-entropy on the fused logits here."""
+        return {"fused": F.cross_entropy(step.logits, step.labels)}
+
+    def observe_step(self, step: Step) -> None:
+        """Called every training step with the step's object (after its loss terms, before backward); does
+        nothing here. A method can value the step's samples here without another forward pass."""
+
+    def modify_gradients(self, step: Step) -> None:
+        """The gradient hook: called after backward and before the optimizer step with the step whose loss was
+        backpropagated (the last one when gradients accumulate); does nothing here."""
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        step = self.forward_step(batch, batch_idx)
+        self.observe_step(step)
+        self._pending_step = step
+        loss = step.loss
+        self.log_metrics("train", step.logits.detach(), {m: u.detach() for m, u in step.unimodal_logits.items()},
+                         step.labels, loss.detach())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Under manual optimization `manual_optimizer_step` calls the hook itself, before clipping.
+        if self.automatic_optimization and self._pending_step is not None:
+            self.modify_gradients(self._pending_step)
+            self._pending_step = None
+
+    def manual_optimizer_step(self, step: Step, loss: torch.Tensor, optimizer: Any,
+                              gradient_clip_val: float | None = None) -> None:
+        """One optimizer step under manual optimization: backward, the gradient hook, optional norm clipping,
+        the step, zeroed gradients."""
+        self.manual_backward(loss)
+        self.modify_gradients(step)
+        if gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def reduce_across_ranks(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``value`` summed (``op="sum"``) or averaged (``"mean"``) over the DDP ranks; itself on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op=op)
+
+    # -- per-epoch method metrics ----------------------------------------------------------------------------------
+
+    def declare_metric(self, name: str, stages: Iterable[str] = ("train",)) -> None:
+        """Declares a method quantity logged once per epoch as ``<stage>/<name>`` (its mean over what
+        :meth:`record` received that epoch, synced across ranks like the accuracies)."""
+        for stage in stages:
+            if stage not in STAGES:
+                raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+            getattr(self, f"{stage}_method_metrics")[name] = MeanMetric()
+
+    def record(self, name: str, value: torch.Tensor | float, stage: str = "train",
+               weight: torch.Tensor | float = 1.0) -> None:
+        """Adds one observation of a declared method metric (weighted, e.g. by the batch size)."""
+        try:
+            metric = getattr(self, f"{stage}_method_metrics")[name]
+        except (AttributeError, KeyError):
+            raise KeyError(f"method metric {stage}/{name} was not declared (declare_metric in __init__)") from None
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
+        metric.update(value, weight=torch.as_tensor(weight, dtype=torch.float32, device=self.device))
+
+    # -- the method's random generator ----------------------------------------------------------------------------
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The method's own CPU random generator (masks, resampling draws): seeded from the run's seed, so the
+        same on every rank, and saved in checkpoints, so a resumed run draws what the uninterrupted one did."""
+        return self.generator_on(torch.device("cpu"))
+
+    def generator_on(self, device: torch.device | str) -> torch.Generator:
+        """The method's random generator on ``device`` (e.g. gradient noise drawn where the gradients are, with
+        no copy from the host); seeded and checkpointed like :attr:`generator`, one per device type."""
+        key = torch.device(device).type
+        if key not in self._generators:
+            generator = torch.Generator(device=device)
+            # Each device type its own stream: a method drawing on the GPU leaves the CPU draws as they were.
+            generator.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + (0 if key == "cpu" else 1))
+            if key in self._generator_states:
+                generator.set_state(self._generator_states.pop(key))
+            self._generators[key] = generator
+        return self._generators[key]
+
+    # -- valuation -------------------------------------------------------------------------------------------------
+
+    def valuation_settings(self) -> dict[str, str]:
+        """The method's own valuation options (``benefit``, ``drop``), which the contribution callback follows
+        unless it is given its own; none here."""
+        return {}
+
+    def training_valuation(self) -> Any:
+        """The method's latest valuation of the training split (a :class:`~balance.valuation.ValuationTable`),
+        for the contribution callback to record; ``None`` for a method that values nothing itself."""
+        return None
+
+    # -- trainer settings -------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        for key, value in self.trainer_settings.items():
+            if getattr(self.trainer, key) != value:
+                log.info("%s sets trainer.%s=%s (it needs it)", type(self).__name__, key, value)
+                setattr(self.trainer, key, value)
 
     def log_metrics(
         self,
@@ -87,11 +236,16 @@ class MultimodalMethod(pl.LightningModule):
             return
         values = {f"{stage}/{name}": value for name, value in metrics.compute().items()}
         metrics.reset()
+        for name, metric in getattr(self, f"{stage}_method_metrics").items():
+            if metric.update_count:
+                values[f"{stage}/{name}"] = metric.compute()
+            metric.reset()
         shown = {f"{stage}/acc", "train/loss"}
         self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True)
         self.log_dict({k: v for k, v in values.items() if k not in shown})
 
     def on_train_epoch_end(self) -> None:
+        self._pending_step = None
         self.log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -138,6 +292,7 @@ class MultimodalMethod(pl.LightningModule):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
             "python": random.getstate(),
         }
+        checkpoint["method_generators"] = {key: g.get_state() for key, g in self._generators.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -146,3 +301,8 @@ class MultimodalMethod(pl.LightningModule):
             kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
             random.setstate(states["python"])
+        # Applied as soon as a generator of that device type is made (now, if it exists already).
+        self._generator_states.update(checkpoint.get("method_generators", {}))
+        for key in list(self._generator_states):
+            if key in self._generators:
+                self._generators[key].set_state(self._generator_states.pop(key))

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from balance.methods.base import MultimodalMethod
+from balance.methods.step import Step
 
 
 class JointTraining(MultimodalMethod):
@@ -27,20 +28,9 @@ class JointTraining(MultimodalMethod):
             raise ValueError(f"unimodal_loss_weight must be >= 0, got {unimodal_loss_weight}")
         self.unimodal_loss_weight = unimodal_loss_weight
 
-    def observe_step(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor,
-                     batch: Mapping[str, Any]) -> None:
-        """Called every training step with the step's features and (detached) fused logits; a subclass can use
-        them (e.g. to value the samples) without another forward pass. Does nothing here."""
-
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        labels = batch["label"]
-        features = self.model.encode(batch["inputs"])
-        logits = self.model.fuse(features, keep=batch.get("present"))
-        unimodal = self.model.unimodal_logits(features)
-        loss = F.cross_entropy(logits, labels)
+    def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
+        terms = dict(super().loss_terms(step))
         if self.unimodal_loss_weight:
-            loss = loss + self.unimodal_loss_weight * sum(F.cross_entropy(u, labels) for u in unimodal.values())
-        self.observe_step(features, logits.detach(), batch)
-        self.log_metrics("train", logits.detach(), {m: u.detach() for m, u in unimodal.items()}, labels,
-                         loss.detach())
-        return loss
+            terms["unimodal"] = self.unimodal_loss_weight * sum(
+                F.cross_entropy(u, step.labels) for u in step.unimodal_logits.values())
+        return terms

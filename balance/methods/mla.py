@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from balance.dropping import drop_features
 from balance.methods.base import MultimodalMethod
-from balance.models import SharedHead, drop_features
+from balance.methods.step import Step
+from balance.models import SharedHead
 
 FUSIONS = ("dynamic", "dynamic_batch", "fixed", "mean")
 
@@ -114,6 +116,8 @@ class MLA(MultimodalMethod):
         # The projector and the step count persist across batches and epochs and live in the checkpoint.
         self.register_buffer("projector", torch.eye(dim))
         self.register_buffer("hgm_steps", torch.zeros((), dtype=torch.long))
+        for m in self.modalities:
+            self.declare_metric(f"weight_{m}", stages=("val", "test"))
 
     def fuse_unimodal(self, logits: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time fusion of the modalities' logits: ``(fused [B, C], weights [B, M])``."""
@@ -129,9 +133,14 @@ class MLA(MultimodalMethod):
         fused = sum(weights[:, i : i + 1] * z for i, z in enumerate(stacked))
         return fused, weights
 
-    def _modify_head_gradient(self, features: torch.Tensor, batch_idx: int) -> None:
+    def modify_gradients(self, step: Step) -> None:
+        """HGM: projects the shared head's weight gradient with the projector updated on this modality's batch
+        mean feature (skipped on the very first unimodal step, as the official code)."""
+        if not self.hgm:
+            return
+        features = step.features[step.modality]
         if self.hgm_steps > 0:
-            alpha = 0.1 ** (1 + batch_idx / max(self.trainer.num_training_batches, 1))
+            alpha = 0.1 ** (1 + step.batch_idx / max(self.trainer.num_training_batches, 1))
             if self.trainer.world_size > 1:
                 # Every rank must hold the same projector: update it with the global batch mean.
                 features = self.all_gather(features.detach().mean(0, keepdim=True)).reshape(-1, features.shape[1])
@@ -148,14 +157,10 @@ class MLA(MultimodalMethod):
         losses = []
         for m in self.order:
             logits[m] = self.model.fusion.linear(features[m])
-            loss = F.cross_entropy(logits[m], labels)
-            self.manual_backward(loss)
-            if self.hgm:
-                self._modify_head_gradient(features[m], batch_idx)
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            optimizer.step()
-            optimizer.zero_grad()
+            step = Step(batch, batch_idx, features, None, {m: logits[m]},
+                        {m: F.cross_entropy(logits[m], labels)}, modality=m)
+            loss = step.loss
+            self.manual_optimizer_step(step, loss, optimizer, self.gradient_clip_val)
             losses.append(loss.detach())
             logits[m] = logits[m].detach()
         fused, _ = self.fuse_unimodal(logits)
@@ -178,6 +183,5 @@ class MLA(MultimodalMethod):
         loss = F.cross_entropy(fused, batch["label"])
         self.log_metrics(stage, fused, logits, batch["label"], loss)
         for i, m in enumerate(self.modalities):
-            self.log(f"{stage}/weight_{m}", weights[:, i].mean(), on_step=False, on_epoch=True,
-                     batch_size=len(fused), sync_dist=True)
+            self.record(f"weight_{m}", weights[:, i].mean(), stage=stage, weight=len(fused))
         return {"loss": loss, "features": encoded}

@@ -3,22 +3,24 @@
 
 Every epoch from ``warmup_epochs - 1`` on, the training split is valued (exact modality Shapley values per sample,
 :mod:`balance.valuation`) and the next epoch trains on a plan: every sample once, plus copies that keep one
-modality (its features zeroed for the others, as the official code; inputs with ``drop: inputs``). The trainer
-reloads the training loader every epoch (the method configs set ``reload_dataloaders_every_n_epochs: 1``).
+modality (its features zeroed for the others, as the official code; inputs with ``drop: inputs``). The methods
+set ``trainer.reload_dataloaders_every_n_epochs = 1`` themselves, so that every epoch's loader serves the plan.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from balance.gather import gather_table, last_per_index
+from balance.methods.epochs import EpochWindow
 from balance.methods.joint import JointTraining
+from balance.methods.step import Step
 from balance.resampling import (
     OFFICIAL_THRESHOLDS,
+    TrainingPlan,
     estimate_mean_contribution,
     modality_level_extra,
     plan_from_copies,
@@ -36,7 +38,8 @@ class ShapleyResampling(JointTraining):
     (built at epoch end, handed to the datamodule, saved in and restored from checkpoints).
 
     Args:
-        warmup_epochs: epochs of plain joint training; the first plan is built after epoch ``warmup_epochs - 1``.
+        warmup_epochs: epochs of plain joint training; the first plan is built after epoch ``warmup_epochs - 1``
+            (0 and 1 both value from epoch 0 on).
         valuation: ``pass`` (the paper: eval mode, no grad, the whole training split after each epoch) or
             ``online`` (each training step's features are valued on the spot through the fusion head, so no extra
             encoder pass; values then come from the weights during the epoch, in train mode).
@@ -47,6 +50,8 @@ class ShapleyResampling(JointTraining):
             with the training transforms).
         **kwargs: :class:`~balance.methods.JointTraining` arguments.
     """
+
+    trainer_settings: ClassVar[Mapping[str, Any]] = {"reload_dataloaders_every_n_epochs": 1}
 
     def __init__(
         self,
@@ -64,39 +69,53 @@ class ShapleyResampling(JointTraining):
             raise ValueError(f"valuation_transforms must be 'eval' or 'train', got {valuation_transforms!r}")
         if valuation == "online" and drop != "features":
             raise ValueError("online valuation reuses encoder features, so it needs drop: features")
+        if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
         self.warmup_epochs = warmup_epochs
+        self.valuing = EpochWindow(start=max(warmup_epochs - 1, 0))
         self.valuation = valuation
         self.benefit = benefit
         self.drop = drop
         self.valuation_transforms = valuation_transforms
         # A modality doing all it can is worth 1 under the official benefit and 1/M under the others.
         self.contribution_scale = 1.0 if benefit == "official" else 1.0 / len(self.modalities)
-        self.plan: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.plan = TrainingPlan()
         self.table: ValuationTable | None = None
         self._online: dict[str, list[torch.Tensor]] = {}
+        for m in self.modalities:
+            self.declare_metric(f"phi_{m}")
+            self.declare_metric(f"copies_{m}")
+        self.declare_metric("plan_ratio")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.trainer.datamodule is not None:
+            self.trainer.datamodule.use_train_plan(self.plan)
+
+    def valuation_settings(self) -> dict[str, str]:
+        return {"benefit": self.benefit, "drop": self.drop}
+
+    def training_valuation(self) -> ValuationTable | None:
+        return self.table
 
     # -- valuation ---------------------------------------------------------------------------------------------
 
-    def observe_step(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor,
-                     batch: Mapping[str, Any]) -> None:
-        if self.valuation == "online" and self._valuing_this_epoch():
-            self._value_online(features, logits, batch)
+    def observe_step(self, step: Step) -> None:
+        if self.valuation == "online" and self.current_epoch in self.valuing:
+            self._value_online(step)
 
-    def _valuing_this_epoch(self) -> bool:
-        return self.current_epoch >= self.warmup_epochs - 1
-
-    def _value_online(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor,
-                      batch: Mapping[str, Any]) -> None:
+    def _value_online(self, step: Step) -> None:
         # Everything stays on the device and every row is valued, so a step never waits for the device; the rows
         # that are samples themselves (every modality present, not a planned copy) are picked at the epoch's end.
+        batch = step.batch
         present = batch.get("present")
-        labels = batch["label"]
-        detached = {m: f.detach() for m, f in features.items()}
+        labels = step.labels
+        detached = {m: f.detach() for m, f in step.features.items()}
         values = subset_values(self.model, detached, labels, self.benefit)
-        step = {"index": batch["index"], "label": labels, "correct": logits.detach().argmax(dim=1) == labels,
+        rows = {"index": batch["index"], "label": labels, "correct": step.logits.detach().argmax(dim=1) == labels,
                 "phi": shapley_values(values),
                 "sample": present.all(dim=1) if present is not None else torch.ones_like(labels, dtype=torch.bool)}
-        for key, value in step.items():
+        for key, value in rows.items():
             self._online.setdefault(key, []).append(value)
 
     def on_train_epoch_start(self) -> None:
@@ -123,34 +142,29 @@ class ShapleyResampling(JointTraining):
         """``(indices, keep)`` for the next epoch from this epoch's valuation."""
         raise NotImplementedError
 
-    def _plan_generator(self) -> torch.Generator:
-        # Seeded by the run's seed and the epoch: every rank draws the same plan, a resumed run the same one.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return torch.Generator().manual_seed(seed * 100_003 + self.current_epoch)
-
     def on_train_epoch_end(self) -> None:
+        if self.current_epoch in self.valuing:
+            self._replan()
         super().on_train_epoch_end()
-        if not self._valuing_this_epoch():
-            return
+
+    def _replan(self) -> None:
         self.table = self._value_training_split()
         num_samples = len(self.trainer.datamodule.datasets["train"])
         if len(self.table) != num_samples or not torch.equal(self.table.index, torch.arange(num_samples)):
             raise RuntimeError(f"valuation covered {len(self.table)} of {num_samples} training samples")
-        self.plan = self.build_plan(self.table, self._plan_generator())
-        self._apply_plan()
+        # The method's generator is the same on every rank and restored on resume: every rank, and a resumed
+        # run, draws the same plan.
+        indices, keep = self.build_plan(self.table, self.generator)
+        self.plan.set(indices, keep, zero_inputs=self.drop == "inputs")
         for m, value in self.table.mean().items():
-            self.log(f"train/phi_{m}", value, on_epoch=True, on_step=False)
-        for name, value in plan_summary(self.plan[1], self.modalities, num_samples).items():
-            self.log(f"train/{name}", value, on_epoch=True, on_step=False)
-
-    def _apply_plan(self) -> None:
-        indices, keep = self.plan
-        self.trainer.datamodule.set_train_plan(indices, keep, zero_inputs=self.drop == "inputs")
+            self.record(f"phi_{m}", value)
+        for name, value in plan_summary(keep, self.modalities, num_samples).items():
+            self.record(name, value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.plan is not None:
-            checkpoint["resampling_plan"] = {"indices": self.plan[0], "keep": self.plan[1]}
+        if self.plan.active:
+            checkpoint["resampling_plan"] = self.plan.state_dict()
         if self.table is not None:
             t = self.table
             checkpoint["valuation_table"] = {"index": t.index, "label": t.label, "correct": t.correct, "phi": t.phi}
@@ -159,9 +173,8 @@ class ShapleyResampling(JointTraining):
         super().on_load_checkpoint(checkpoint)
         plan = checkpoint.get("resampling_plan")
         if plan is not None:
-            self.plan = (plan["indices"], plan["keep"])
-            if self._trainer is not None and self.trainer.datamodule is not None:
-                self._apply_plan()
+            # Checkpoints written before the plan kept its own zero_inputs flag derive it from `drop`.
+            self.plan.load_state_dict({"zero_inputs": self.drop == "inputs", **plan})
         table = checkpoint.get("valuation_table")
         if table is not None:
             self.table = ValuationTable(table["index"], table["label"], table["correct"], table["phi"],

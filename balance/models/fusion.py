@@ -33,6 +33,11 @@ class FusionHead(nn.Module):
             m: self({k: f if k == m else torch.zeros_like(f) for k, f in features.items()}) for m in self.modalities
         }
 
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The head's parameters that belong to ``modality`` alone (its own block, where the head has one); the
+        rest of the head is shared. None here."""
+        return []
+
 
 class ConcatFusion(FusionHead):
     """One linear layer on the concatenated features (the standard joint-training baseline).
@@ -61,6 +66,9 @@ class _PerModalityHeads(FusionHead):
 
     def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.heads[m](features[m]) for m in self.modalities}
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        return list(self.heads[modality].parameters())
 
 
 class SumFusion(_PerModalityHeads):
@@ -103,6 +111,10 @@ class FiLMFusion(FusionHead):
         self.film = nn.Linear(feature_dims[self.condition], 2 * hidden_dim)
         self.out = nn.Linear(hidden_dim, num_classes)
 
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        # The conditioning modality's own layer; the projection of the others mixes them, so it is shared.
+        return list(self.film.parameters()) if modality == self.condition else []
+
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         gamma, beta = self.film(features[self.condition]).chunk(2, dim=1)
         x = self.project(torch.cat([features[m] for m in self.others], dim=1))
@@ -131,6 +143,9 @@ class GatedFusion(FusionHead):
             raise ValueError(f"gate modality {self.gate!r} is not one of {self.modalities}")
         self.project = nn.ModuleDict({m: nn.Linear(d, hidden_dim) for m, d in feature_dims.items()})
         self.out = nn.Linear(hidden_dim, num_classes)
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        return list(self.project[modality].parameters())
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         gate = torch.sigmoid(self.project[self.gate](features[self.gate]))

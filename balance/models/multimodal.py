@@ -19,6 +19,10 @@ class MultimodalModel(nn.Module):
         num_classes: number of classes; run.py fills it in from the datamodule.
         feature_dim: if set, every encoder whose ``out_dim`` differs is followed by a linear projection to this
             size (needed by a shared head).
+        init: ``default`` (each layer's PyTorch initialisation) or ``xavier``: the OGM-GE / MLA official
+            ``weight_init`` applied to the whole model (linear layers Xavier-normal with zero bias, 2-D convolutions
+            Kaiming-normal with fan-out and ReLU gain, 2-D batch norms weight 1 and bias 0). ``xavier``
+            re-initialises every such layer, pretrained encoder weights included.
     """
 
     def __init__(
@@ -27,6 +31,7 @@ class MultimodalModel(nn.Module):
         fusion: Callable[..., FusionHead],
         num_classes: int,
         feature_dim: int | None = None,
+        init: str = "default",
     ) -> None:
         super().__init__()
         if len(encoders) < 1:
@@ -43,6 +48,10 @@ class MultimodalModel(nn.Module):
         )
         dims = {m: feature_dim if feature_dim is not None else enc.out_dim for m, enc in encoders.items()}
         self.fusion = fusion(feature_dims=dims, num_classes=num_classes)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "xavier":
+            self.apply(official_weight_init)
 
     def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Runs each modality's encoder (and projection) once: modality -> ``[B, d_m]`` features."""
@@ -65,3 +74,34 @@ class MultimodalModel(nn.Module):
 
     def forward(self, inputs: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.fuse(self.encode(inputs), keep)
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The parameters that belong to ``modality``: its encoder, its projection and, where the fusion head has
+        a block for it (sum and late fusion heads, gated projections, FiLM's conditioning layer), that block."""
+        if modality not in self.encoders:
+            raise KeyError(f"no modality {modality!r}; the model has {self.modalities}")
+        parameters = list(self.encoders[modality].parameters())
+        if modality in self.projections:
+            parameters += list(self.projections[modality].parameters())
+        return parameters + self.fusion.modality_parameters(modality)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The parameters of no single modality (e.g. a concat or shared head)."""
+        owned = {id(p) for m in self.modalities for p in self.modality_parameters(m)}
+        return [p for p in self.parameters() if id(p) not in owned]
+
+
+INITS = ("default", "xavier")
+
+
+def official_weight_init(module: nn.Module) -> None:
+    """The initialisation of the OGM-GE and MLA official code (their ``weight_init``), for ``model.apply``."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
