@@ -3,6 +3,7 @@
 from balance.methods.base import MultimodalMethod
 from balance.methods.joint import JointTraining
 from balance.methods.mla import MLA
+from balance.methods.ogm_ge import OGMGE
 from balance.methods.resampling import ModalityLevelResampling, SampleLevelResampling, ShapleyResampling
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "JointTraining",
     "ModalityLevelResampling",
     "MultimodalMethod",
+    "OGMGE",
     "SampleLevelResampling",
     "ShapleyResampling",
 ]
