@@ -1,0 +1,103 @@
+"""Every method config, for two and three modalities, on the contract every method stands on: it builds, learns,
+gives every trainable parameter a gradient, and resumes from a mid-run checkpoint exactly (its state included).
+
+Parametrised over the files in conf/method/, so a new method is tested by adding its YAML file. The data are tiny
+images (synthetic features served as [1, 4, 4]) with small CNN encoders, so methods that act on convolution
+kernels run too; ``QUICK`` shortens warm-ups so that every mechanism is active within the test's few epochs.
+"""
+
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from balance.run import build, train
+from compose import CONF_DIR, compose_train
+
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+MODALITIES = {2: ("m0", "m1"), 3: ("m0", "m1", "m2")}
+INFORMATIVENESS = {2: "[2.0,0.6]", 3: "[2.0,0.6,0.6]"}
+# Method options that delay a mechanism beyond a short test run, and the value that starts it at once.
+QUICK = {"warmup_epochs": 1, "modulation_starts": 0}
+EPOCHS = 4
+# Checkpoint entries that must be equal after a resumed run (the loops' and callbacks' progress may differ).
+PROGRESS_KEYS = {"epoch", "global_step", "pytorch-lightning_version", "loops", "callbacks", "optimizer_states",
+                 "lr_schedulers", "hparams_name", "hyper_parameters"}
+
+
+def _overrides(method: str, num_modalities: int) -> list[str]:
+    names = ",".join(MODALITIES[num_modalities])
+    overrides = [
+        "data=synthetic", "model=small_cnn", f"method={method}", f"data.modalities=[{names}]",
+        f"data.informativeness={INFORMATIVENESS[num_modalities]}", "data.num_samples=400",
+        "data.image_shape=[1,4,4]", "data.batch_size=32", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "callbacks.contributions=null", "method.optimizer.lr=3.0e-3",
+    ]
+    method_cfg = compose_train(overrides).method
+    return overrides + [f"method.{key}={value}" for key, value in QUICK.items() if key in method_cfg]
+
+
+def _epoch_losses(run_dir: Path) -> list[float]:
+    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def _assert_equal(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+class _GradientRecorder(pl.Callback):
+    """The names of the parameters that had a non-zero gradient at some optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.seen |= {n for n, p in pl_module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("method", METHODS)
+def test_method_learns_and_resumes_exactly(method, num_modalities, tmp_path):
+    overrides = _overrides(method, num_modalities)
+    full = train(compose_train([*overrides, f"trainer.max_epochs={EPOCHS}"], run_dir=tmp_path / "full"))
+    losses = _epoch_losses(tmp_path / "full")
+    assert len(losses) == EPOCHS and losses[-1] < losses[0], losses
+    assert full["test"]["acc"] > 0.5, full["test"]  # 4 classes: chance 0.25
+
+    train(compose_train([*overrides, f"trainer.max_epochs={EPOCHS // 2}"], run_dir=tmp_path / "part"))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_train([*overrides, f"trainer.max_epochs={EPOCHS}", f"ckpt_path={last}"],
+                                  run_dir=tmp_path / "part"))
+    assert resumed["val"] == full["val"] and resumed["test"] == full["test"]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["epoch"] == b["epoch"] == EPOCHS - 1
+    state = {key: value for key, value in a.items() if key not in PROGRESS_KEYS}
+    _assert_equal(state, {key: value for key, value in b.items() if key not in PROGRESS_KEYS}, "checkpoint")
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_trainable_parameter_gets_a_gradient(method, num_modalities):
+    datamodule, module = build(compose_train(_overrides(method, num_modalities)))
+    recorder = _GradientRecorder()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder])
+    trainer.fit(module, datamodule=datamodule)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable <= recorder.seen, sorted(trainable - recorder.seen)
