@@ -16,7 +16,9 @@ Every (row, seed) runs in ``OUT/<row>/seed<seed>/`` as a Hydra multirun of ``tra
 seeds still to run). A run with ``results.json`` is done and never rerun; one with ``checkpoints/last.ckpt`` but no
 results resumes from it; so an interrupted table continues where it stopped. The table (``OUT/table.md``,
 ``OUT/table.json``) and its figures (``OUT/figures/``, see :mod:`balance.reproduce_figures`) are written from
-whatever runs are done.
+whatever runs are done; a diagnostic's columns and figure are those its class declares (``table_columns``,
+``table_figure`` of :class:`~balance.diagnostics.base.Diagnostic`), the class found by the ``_target_`` of its
+config (``conf/diagnostics/<name>.yaml``, or the runs' own).
 
 ``--evaluate NAME`` trains nothing: it evaluates every finished run's selected checkpoint with the overrides given
 (``task=evaluate``, e.g. ``-- "diagnostics=[mm_shap]"``) into ``<run>/NAME/``, and the table adds the numbers, so a
@@ -32,18 +34,64 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from hydra.utils import get_class
 
-from balance.reproduce_figures import epoch_metrics, mean_std, write_figures
+from balance.reproduce_figures import Keys, epoch_metrics, mean_std, write_figures
+
+if TYPE_CHECKING:
+    from balance.diagnostics.base import Diagnostic
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 TABLES = REPO / "conf" / "reproduce"
+DIAGNOSTICS = REPO / "conf" / "diagnostics"
 METRICS = ("acc", "f1")
+FORMATS = {"plain": (1.0, 3), "percent": (100.0, 2)}  # a Column's format -> (scale, decimals)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A headline number of a diagnostic in ``balance-reproduce``'s table: the scalar logged as
+    ``test/<name>/<key>``, mean ± sample std over seeds, one column (or one per key of a pattern).
+
+    Args:
+        key: the scalar's key as the diagnostic's ``scalars`` names it, or a pattern of keys (a string with ``{}`` or
+            :class:`~balance.reproduce_figures.Keys`): a column for each key of it that some row has.
+        label: the column's header, ``{}`` standing for the pattern's part; default ``<name>/<key>`` as logged.
+        format: ``plain`` (3 decimals, accuracies as fractions) or ``percent`` (x100, 2 decimals, `` (%)`` after
+            the label).
+        last: only the key with the last part (e.g. ``acc_r{}``: the highest missing rate).
+    """
+
+    key: str | Keys
+    label: str | None = None
+    format: str = "plain"
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown column format {self.format!r}; choose one of {sorted(FORMATS)}")
+
+    @property
+    def scale(self) -> float:
+        return FORMATS[self.format][0]
+
+    @property
+    def digits(self) -> int:
+        return FORMATS[self.format][1]
+
+    def headers(self, name: str, keys: Iterable[str]) -> list[tuple[str, str]]:
+        """``(key as logged, header)`` of this column's keys among a diagnostic ``name``'s ``keys``."""
+        found = Keys.of(self.key).find(keys)
+        suffix = " (%)" if self.format == "percent" else ""
+        return [(f"{name}/{key}", (self.label.format(part) if self.label else f"{name}/{key}") + suffix)
+                for part, key in (found[-1:] if self.last else found)]
 
 
 @dataclass
@@ -195,15 +243,44 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     return {"selection": sorted(selections), "rows": rows}
 
 
-def _cell(stats: dict[str, tuple[float, float]], key: str, digits: int = 2) -> str:
+def diagnostic_classes(runs: list[Run]) -> dict[str, type[Diagnostic]]:
+    """The diagnostics a table can show, by the name that prefixes their logged scalars: those of
+    ``conf/diagnostics/<name>.yaml`` and those of the finished runs' saved configs (``.hydra/config.yaml``, also of
+    ``--evaluate`` subdirectories: a diagnostic configured on the command line), each by its ``_target_``. What
+    each puts into the table and figures its class declares (``table_columns``, ``table_figure``)."""
+    from balance.diagnostics.base import Diagnostic  # imports torch: only when a table is written
+
+    saved = [path for run in runs if run.status == "done"
+             for path in [run.directory / ".hydra" / "config.yaml", *sorted(run.directory.glob("*/.hydra/config.yaml"))]
+             if path.is_file()]
+    configs = [yaml.safe_load(path.read_text()) for path in sorted(DIAGNOSTICS.glob("*.yaml"))]
+    configs += [(yaml.safe_load(path.read_text()) or {}).get("diagnostics") or {} for path in saved]
+    targets = {name: node["_target_"] for config in configs for name, node in config.items()
+               if isinstance(node, dict) and "_target_" in node}
+    classes = {}
+    for name, target in targets.items():
+        try:
+            found = get_class(target)
+        except Exception as error:  # noqa: BLE001 - a table is still written without it
+            print(f"balance-reproduce: diagnostic {name} ({target}) not importable, not in the table: {error}",
+                  file=sys.stderr)
+            continue
+        if isinstance(found, type) and issubclass(found, Diagnostic):
+            classes[name] = found
+    return classes
+
+
+def _cell(stats: dict[str, tuple[float, float]], key: str, digits: int = 2, scale: float = 1.0) -> str:
     if key not in stats:
         return ""
-    mean, std = stats[key]
+    mean, std = (scale * v for v in stats[key])
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(title: str, summary: dict[str, Any], protocol: str) -> str:
-    """The table: one line per row, mean ± std over seeds, the reference and the difference to it."""
+def markdown(title: str, summary: dict[str, Any], protocol: str,
+             diagnostics: dict[str, type[Diagnostic]] | None = None) -> str:
+    """The table: one line per row, mean ± std over seeds, the reference and the difference to it; then the
+    ``diagnostics``' headline numbers (:func:`diagnostics_markdown`)."""
     rows = summary["rows"]
     keys = sorted({k for r in rows.values() for k in r["stats"] if "/" not in k})
     modality_acc = [k for k in keys if k.startswith("acc_")]
@@ -224,37 +301,38 @@ def markdown(title: str, summary: dict[str, Any], protocol: str) -> str:
     sources = sorted({r["source"] for r in rows.values() if r["source"]})
     if sources:
         lines += ["", "References: " + "; ".join(sources) + "."]
-    return "\n".join(lines + diagnostics_markdown(rows)) + "\n"
+    return "\n".join(lines + diagnostics_markdown(rows, diagnostics or {})) + "\n"
 
 
-def diagnostics_markdown(rows: dict[str, Any]) -> list[str]:
-    """The diagnostics' headline numbers per row (mean ± std over seeds), where the runs have them: EMAP's
-    accuracy gap (model - EMAP), each modality's MM-SHAP share, the modality gap, and the accuracy at the highest
-    missing-modality rate."""
-    keys = sorted({k for r in rows.values() for k in r["stats"] if "/" in k})
-    rates = sorted((k for k in keys if re.fullmatch(r"missing_modality/acc_r[0-9.]+", k)),
-                   key=lambda k: float(k.rsplit("_r", 1)[1]))
-    columns = [k for k in keys if k == "emap/acc_gap" or k.startswith("modality_gap/gap/")
-               or re.fullmatch(r"mm_shap/share_\w+", k) and not k.endswith(("_correct", "_incorrect"))]
-    columns += rates[-1:]
+def diagnostics_markdown(rows: dict[str, Any], diagnostics: dict[str, type[Diagnostic]]) -> list[str]:
+    """The diagnostics' headline numbers per row (mean ± std over seeds), where the runs have them: the columns
+    each diagnostic's class declares (``table_columns``), diagnostic by diagnostic."""
+    columns = []
+    for name, diagnostic in diagnostics.items():
+        logged = {key.removeprefix(f"{name}/") for row in rows.values() for key in row["stats"]
+                  if key.startswith(f"{name}/")}
+        columns += [(key, label, column) for column in diagnostic.table_columns
+                    for key, label in column.headers(name, logged)]
     if not columns:
         return []
     lines = ["", "Diagnostics on the test split, mean ± sample std over seeds (accuracies as fractions).", "",
-             "| row | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+             "| row | " + " | ".join(label for _, label, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for name, row in rows.items():
-        lines.append("| " + " | ".join([name, *[_cell(row["stats"], k, 3) for k in columns]]) + " |")
+        cells = [_cell(row["stats"], key, column.digits, column.scale) for key, _, column in columns]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     return lines
 
 
 def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
     """Writes ``table.md``, ``table.json`` and ``figures/`` from the finished runs; returns the markdown."""
     summary = summarise(runs)
+    diagnostics = diagnostic_classes(runs)
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: [epoch_metrics(run.directory) for run in runs if run.row.name == name and run.status == "done"]
               for name in summary["rows"]}
     figures = write_figures({name: row["values"] for name, row in summary["rows"].items()}, curves,
-                            out / "figures")
-    text = markdown(title, summary, protocol)
+                            out / "figures", diagnostics)
+    text = markdown(title, summary, protocol, diagnostics)
     if figures:
         text += "\nFigures: " + ", ".join(f"[{p.stem}](figures/{p.name})" for p in figures) + ".\n"
     (out / "table.md").write_text(text)

@@ -3,10 +3,11 @@ over seeds.
 
 - ``contributions.png``: each modality's mean Shapley contribution ``phi_m`` and unimodal accuracy on the
   validation split after every epoch (from the runs' CSV logs), one line per row.
-- ``emap.png``: fused test accuracy of the model and of its EMAP (additive projection), per row.
-- ``mm_shap.png``: each modality's MM-SHAP share of the test predictions, per row (stacked).
-- ``missing_modality.png``: test accuracy against the missing-modality rate, one line per row.
-- ``modality_gap.png``: distance between the modalities' feature centroids, per row.
+- ``<name>.png``: a diagnostic's test scalars across the rows, as its class declares (``table_figure``: one of
+  :class:`Bars`, :class:`StackedBars`, :class:`Lines`, or any object with such a ``draw``). The shipped ones:
+  ``emap.png`` (fused test accuracy of the model and of its EMAP, per row), ``mm_shap.png`` (each modality's
+  MM-SHAP share, stacked per row), ``missing_modality.png`` (test accuracy against the missing-modality rate, one
+  line per row), ``modality_gap.png`` (distance between the modalities' feature centroids, per row).
 
 A figure is drawn only when some run has its numbers (the diagnostics the runs were trained or evaluated with).
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import csv
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib
 
@@ -25,7 +27,59 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+if TYPE_CHECKING:
+    from balance.diagnostics.base import Diagnostic
+
 Values = Mapping[str, Sequence[float]]  # metric -> one value per finished seed
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Scalar keys of one pattern: ``template`` with ``{}`` for the part that varies (a modality, a pair, a rate),
+    e.g. ``gap/{}``; ``but_not`` gives patterns of look-alike keys that are not of it (``share_{}`` is not
+    ``share_{}_correct``). The part is never empty and never contains ``/``. A plain string is a pattern too: with
+    ``{}`` as above, without it the one key it names (its own part)."""
+
+    template: str
+    but_not: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for template in (self.template, *self.but_not):
+            if template.count("{}") > 1:
+                raise ValueError(f"a key pattern has at most one {{}}, got {template!r}")
+
+    @staticmethod
+    def of(keys: str | Keys) -> Keys:
+        return keys if isinstance(keys, Keys) else Keys(keys)
+
+    def find(self, keys: Iterable[str]) -> list[tuple[str, str]]:
+        """``(part, key)`` for each of ``keys`` of this pattern, ordered by part (as numbers where all are)."""
+        found = {part: key for key in keys if (part := _part(self.template, key)) is not None
+                 and all(_part(other, key) is None for other in self.but_not)}
+        try:
+            order = sorted(found, key=float)
+        except ValueError:
+            order = sorted(found)
+        return [(part, found[part]) for part in order]
+
+
+def _part(template: str, key: str) -> str | None:
+    """What ``{}`` stands for in ``key`` (``key`` itself for a template without it); None where it does not fit."""
+    if "{}" not in template:
+        return key if key == template else None
+    prefix, suffix = template.split("{}")
+    part = key[len(prefix):len(key) - len(suffix)]
+    fits = key.startswith(prefix) and key.endswith(suffix) and len(key) > len(prefix) + len(suffix)
+    return part if fits and "/" not in part else None
+
+
+class TableFigure(Protocol):
+    """A figure of a diagnostic's scalars across the rows of a table (a diagnostic's ``table_figure``; the kinds:
+    :class:`Bars`, :class:`StackedBars`, :class:`Lines`)."""
+
+    def draw(self, rows: Mapping[str, Values]) -> plt.Figure | None:
+        """The figure (None where no row has its numbers) from, per row, each of the diagnostic's scalars (keys
+        as :meth:`Diagnostic.scalars` names them) over the finished seeds."""
 
 
 def epoch_metrics(run_directory: Path) -> dict[str, dict[int, float]]:
@@ -71,11 +125,6 @@ def _error_bar(values: Sequence[float]) -> tuple[float, float]:
     return mean, 0.0 if math.isnan(std) else std
 
 
-def _captured(rows: Mapping[str, Values], pattern: str) -> list[str]:
-    found = {m.group(1) for values in rows.values() for key in values if (m := re.fullmatch(pattern, key))}
-    return sorted(found)
-
-
 def contributions_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int, float]]]]) -> plt.Figure | None:
     """Validation ``phi_m`` (top) and ``acc_m`` (bottom) per epoch for every modality (columns) and row (lines).
 
@@ -83,7 +132,7 @@ def contributions_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int,
         curves: per row, one :func:`epoch_metrics` per finished seed.
     """
     keys = {key for runs in curves.values() for run in runs for key in run}
-    modalities = sorted({m.group(1) for key in keys if (m := re.fullmatch(r"val/phi_(\w+)", key))})
+    modalities = [part for part, _ in Keys("val/phi_{}").find(keys)]
     if not modalities:
         return None
     fig, axes = plt.subplots(2, len(modalities), figsize=(4.5 * len(modalities), 6.5), squeeze=False, sharex=True)
@@ -119,95 +168,162 @@ def _bars(ax: plt.Axes, rows: Mapping[str, Values], keys: Sequence[str], labels:
     ax.grid(axis="y", alpha=0.3)
 
 
-def emap_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
-    """Test accuracy of the model and of its EMAP per row (``emap/acc_model``, ``emap/acc_emap``)."""
-    if not any("emap/acc_emap" in values for values in rows.values()):
+def _series(keys: Sequence[str | Keys], labels: Sequence[str], rows: Mapping[str, Values]) -> list[tuple[str, str]]:
+    """``(label, key)`` of every key of ``keys`` that some row has (a pattern: each of its keys), labelled by the
+    label in the same place of ``labels`` (``{}``: the pattern's part), by default by the part (a key: itself)."""
+    available = {key for values in rows.values() for key in values}
+    series = []
+    for i, pattern in enumerate(keys):
+        label = labels[i] if i < len(labels) else "{}"
+        series += [(label.format(part), key) for part, key in Keys.of(pattern).find(available)]
+    return series
+
+
+# The kinds of a diagnostic's figure across a table's rows (its ``table_figure``, a :class:`TableFigure`).
+
+
+@dataclass(frozen=True)
+class Bars:
+    """Bars side by side per row, one per key, mean ± std over seeds (e.g. the model's accuracy and its EMAP's).
+
+    Args:
+        keys: scalar keys or patterns of them (a pattern: a bar for each of its keys; see :class:`Keys`).
+        labels: the legend label of each of ``keys`` (``{}``: the pattern's part); default the key (the part).
+        ylabel, title: the axes'.
+        percent: values x100.
+        zoom: the y axis starts this far below the lowest bar (not below 0) instead of at 0.
+    """
+
+    keys: tuple[str | Keys, ...]
+    labels: tuple[str, ...] = ()
+    ylabel: str = ""
+    title: str = ""
+    percent: bool = False
+    zoom: float | None = None
+
+    def draw(self, rows: Mapping[str, Values]) -> plt.Figure | None:
+        series = _series(self.keys, self.labels, rows)
+        if not series:
+            return None
+        scale = 100.0 if self.percent else 1.0
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 4))
+        _bars(ax, rows, [key for _, key in series], [label for label, _ in series], scale)
+        if self.zoom is not None:
+            low = min(scale * min(values[key]) for values in rows.values() for _, key in series if key in values)
+            ax.set_ylim(max(0.0, low - self.zoom), None)
+        ax.set_ylabel(self.ylabel)
+        ax.set_title(self.title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+@dataclass(frozen=True)
+class StackedBars:
+    """One bar per row stacking the means of a pattern's keys (e.g. each modality's share), each written on its
+    segment, std as error bars.
+
+    Args:
+        keys: the pattern (a segment for each of its keys, labelled by its part).
+        ylabel, title: the axes'.
+        line: a dashed horizontal line at this height (None: none).
+        ylim: the y axis's range (None: matplotlib's).
+    """
+
+    keys: str | Keys
+    ylabel: str = ""
+    title: str = ""
+    line: float | None = None
+    ylim: tuple[float, float] | None = None
+
+    def draw(self, rows: Mapping[str, Values]) -> plt.Figure | None:
+        series = _series([self.keys], [], rows)
+        names = [row for row, values in rows.items() if series[0][1] in values] if series else []
+        if not names:
+            return None
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 1.5), 4))
+        bottom = np.zeros(len(names))
+        for label, key in series:
+            stats = [_error_bar(rows[row][key]) if key in rows[row] else (0.0, 0.0) for row in names]
+            means = np.array([m for m, _ in stats])
+            ax.bar(names, means, 0.6, bottom=bottom, yerr=[s for _, s in stats], capsize=3, label=label)
+            for x, (y, m) in enumerate(zip(bottom, means)):
+                ax.text(x, y + m / 2, f"{m:.2f}", ha="center", va="center", fontsize=8)
+            bottom += means
+        if self.line is not None:
+            ax.axhline(self.line, color="black", lw=0.8, ls="--")
+        if self.ylim is not None:
+            ax.set_ylim(*self.ylim)
+        ax.set_ylabel(self.ylabel)
+        ax.set_title(self.title)
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+@dataclass(frozen=True)
+class Lines:
+    """One line per row over a pattern's keys, at their parts as numbers on the x axis (e.g. ``acc_r{}``: the
+    missing rate), mean ± std over seeds.
+
+    Args:
+        keys: the pattern, its parts numbers.
+        xlabel, ylabel, title: the axes'.
+        percent: values x100.
+    """
+
+    keys: str | Keys
+    xlabel: str = ""
+    ylabel: str = ""
+    title: str = ""
+    percent: bool = False
+
+    def draw(self, rows: Mapping[str, Values]) -> plt.Figure | None:
+        series = _series([self.keys], [], rows)
+        if not series:
+            return None
+        scale = 100.0 if self.percent else 1.0
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for row, values in rows.items():
+            present = [(float(part), key) for part, key in series if key in values]
+            if not present:
+                continue
+            stats = [_error_bar(values[key]) for _, key in present]
+            ax.errorbar([x for x, _ in present], [scale * m for m, _ in stats], yerr=[scale * s for _, s in stats],
+                        marker="o", capsize=3, label=row)
+        ax.set_xlabel(self.xlabel)
+        ax.set_ylabel(self.ylabel)
+        ax.set_title(self.title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def diagnostic_figure(name: str, diagnostic: type[Diagnostic], rows: Mapping[str, Values]) -> plt.Figure | None:
+    """``diagnostic``'s ``table_figure`` (None: no figure) of the rows' scalars of the diagnostic logged as
+    ``name`` (``<name>/<key>``)."""
+    if diagnostic.table_figure is None:
         return None
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 4))
-    _bars(ax, rows, ["emap/acc_model", "emap/acc_emap"], ["model", "EMAP (additive part)"], scale=100)
-    low = min(100 * min(v) for values in rows.values() for k, v in values.items()
-              if k in ("emap/acc_model", "emap/acc_emap"))
-    ax.set_ylim(max(0.0, low - 10), None)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("EMAP: how much accuracy the cross-modal interactions carry")
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def mm_shap_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
-    """Each modality's mean MM-SHAP share of the test predictions, stacked per row (std as error bars)."""
-    modalities = [m for m in _captured(rows, r"mm_shap/share_(\w+)") if not m.endswith(("_correct", "_incorrect"))]
-    names = [row for row, values in rows.items() if f"mm_shap/share_{modalities[0]}" in values] if modalities else []
-    if not names:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 1.5), 4))
-    bottom = np.zeros(len(names))
-    for modality in modalities:
-        stats = [_error_bar(rows[row][f"mm_shap/share_{modality}"]) for row in names]
-        means = np.array([m for m, _ in stats])
-        ax.bar(names, means, 0.6, bottom=bottom, yerr=[s for _, s in stats], capsize=3, label=modality)
-        for x, (y, m) in enumerate(zip(bottom, means)):
-            ax.text(x, y + m / 2, f"{m:.2f}", ha="center", va="center", fontsize=8)
-        bottom += means
-    ax.axhline(0.5, color="black", lw=0.8, ls="--")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of |Shapley values|")
-    ax.set_title("MM-SHAP share of the test predictions")
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def missing_modality_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
-    """Test accuracy against the rate of missing (sample, modality) slots, one line per row."""
-    rates = sorted(_captured(rows, r"missing_modality/acc_r([0-9.]+)"), key=float)
-    if not rates:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for row, values in rows.items():
-        present = [r for r in rates if f"missing_modality/acc_r{r}" in values]
-        if not present:
-            continue
-        stats = [_error_bar(values[f"missing_modality/acc_r{r}"]) for r in present]
-        ax.errorbar([float(r) for r in present], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
-                    marker="o", capsize=3, label=row)
-    ax.set_xlabel("missing rate (share of (sample, modality) slots)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Missing-modality robustness")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def modality_gap_figure(rows: Mapping[str, Values]) -> plt.Figure | None:
-    """Distance between every pair of modality centroids, per row."""
-    pairs = _captured(rows, r"modality_gap/gap/(.+)")
-    if not pairs:
-        return None
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 4))
-    _bars(ax, rows, [f"modality_gap/gap/{p}" for p in pairs], pairs)
-    ax.set_ylabel("centroid distance")
-    ax.set_title("Modality gap of the fused features")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    prefix = f"{name}/"
+    return diagnostic.table_figure.draw({row: {key.removeprefix(prefix): v for key, v in values.items()
+                                               if key.startswith(prefix)} for row, values in rows.items()})
 
 
 def write_figures(rows: Mapping[str, Values], curves: Mapping[str, Sequence[Mapping[str, Mapping[int, float]]]],
-                  out: Path) -> list[Path]:
-    """Draws every figure there are numbers for into ``out`` (PNG); returns their paths.
+                  out: Path, diagnostics: Mapping[str, type[Diagnostic]] | None = None) -> list[Path]:
+    """Draws every figure there are numbers for into ``out`` (PNG): ``contributions`` and each diagnostic's
+    ``table_figure`` as ``<name>``; returns their paths.
 
     Args:
         rows: per row, each test metric's values over the finished seeds (accuracies as fractions).
         curves: per row, one :func:`epoch_metrics` per finished seed.
         out: the figure directory (created).
+        diagnostics: name (the prefix of its logged scalars) -> class of the diagnostics to draw.
     """
-    figures = {"contributions": contributions_figure(curves), "emap": emap_figure(rows),
-               "mm_shap": mm_shap_figure(rows), "missing_modality": missing_modality_figure(rows),
-               "modality_gap": modality_gap_figure(rows)}
+    figures = {"contributions": contributions_figure(curves)}
+    figures |= {name: diagnostic_figure(name, diagnostic, rows) for name, diagnostic in (diagnostics or {}).items()}
     paths = []
     for name, figure in figures.items():
         if figure is None:

@@ -7,8 +7,10 @@ import re
 import pytest
 import yaml
 
-from balance.reproduce import TABLES, load_table, main
+from balance.reproduce import TABLES, Row, load_table, main, plan_runs, write_table
 from compose import CONF_DIR
+
+RESULTS = CONF_DIR.parent / "docs" / "results"
 
 TINY = ["data=synthetic", "model=mlp", "data.num_samples=400", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "callbacks.contributions.plots=false"]
@@ -140,3 +142,57 @@ def test_evaluate_from_must_name_a_trained_row_above(tmp_path):
                                              {"name": "b", "overrides": []}]}))
     with pytest.raises(ValueError, match="no trained row above"):
         load_table(str(path))
+
+
+def _finished_runs(out, values, configs=None):
+    """Finished runs in ``out`` made up from ``{row: {key: [value per seed]}}`` (a seed's results.json has the
+    keys with a value for it), each with the saved config ``configs`` (a dict, written as .hydra/config.yaml)."""
+    rows = [Row(name, []) for name in values]
+    runs = plan_runs(rows, list(range(max(len(v) for r in values.values() for v in r.values()))), out)
+    for run in runs:
+        run.directory.mkdir(parents=True)
+        test = {key: seeds[run.seed] for key, seeds in values[run.row.name].items() if run.seed < len(seeds)}
+        (run.directory / "results.json").write_text(json.dumps({"selection": "best val/acc", "test": test}))
+        if configs is not None:
+            (run.directory / ".hydra").mkdir()
+            (run.directory / ".hydra" / "config.yaml").write_text(yaml.safe_dump(configs))
+    return runs
+
+
+def _diagnostics_cells(text):
+    """``{row: {column: cell}}`` of a table.md's diagnostics table."""
+    lines = text.split("Diagnostics on the test split")[1].strip().splitlines()[2:]
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, body = table[0], table[2:]
+    return {cells[0]: dict(zip(header[1:], cells[1:])) for cells in body}
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in RESULTS.iterdir()))
+def test_shipped_diagnostics_declare_the_committed_columns_and_figures(study, tmp_path):
+    """The committed study tables' diagnostics numbers and figures, rewritten from their table.json: the columns
+    and figures are what the diagnostics' classes declare (table_columns, table_figure)."""
+    spec = json.loads((RESULTS / study / "table.json").read_text())
+    runs = _finished_runs(tmp_path / "out", {name: row["values"] for name, row in spec["rows"].items()})
+    text = write_table(spec["title"], runs, tmp_path / "out", spec["protocol"])
+    committed = _diagnostics_cells((RESULTS / study / "table.md").read_text())
+    written = _diagnostics_cells(text)
+    assert written == committed
+    header = next(line for line in text.splitlines() if line.startswith("| row | emap/"))
+    labels = [label.strip() for label in header.strip("|").split("|")]
+    assert labels[:3] == ["row", "emap/acc_gap", "missing_modality/acc_r0.50"], "diagnostic by diagnostic, by name"
+    assert not any(label.endswith(("_correct", "_incorrect")) for label in labels)
+    figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert figures == {"emap.png", "missing_modality.png", "mm_shap.png", "modality_gap.png"}
+
+
+def test_a_new_diagnostic_gets_its_column_and_figure_from_its_class(tmp_path, capsys):
+    """The toy diagnostic (tests/toy_diagnostic.py, configured in the runs as on a command line, in no
+    conf/diagnostics file and named nowhere in balance/reproduce*.py) declares a percent column and a figure."""
+    configs = {"diagnostics": {"toy": {"_target_": "toy_diagnostic.FusedAccuracy"},
+                               "broken": {"_target_": "no_such_module.Diagnostic"}}}
+    runs = _finished_runs(tmp_path, {"a": {"acc": [0.5, 0.5], "toy/acc": [0.1, 0.2], "toy/count": [9, 9]},
+                                     "b": {"acc": [0.5], "toy/acc": [0.4]}}, configs)
+    text = write_table("Toy", runs, tmp_path, "val")
+    assert _diagnostics_cells(text) == {"a": {"toy acc (%)": "15.00 ± 7.07"}, "b": {"toy acc (%)": "40.00"}}
+    assert (tmp_path / "figures" / "toy.png").stat().st_size > 0 and "[toy](figures/toy.png)" in text
+    assert "diagnostic broken (no_such_module.Diagnostic) not importable" in capsys.readouterr().err

@@ -9,12 +9,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
+from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_figures import Bars  # noqa: E402
 
 
 class FusedAccuracy(Diagnostic):
     """Accuracy of the method's prediction; draws one random number per batch to exercise RNG neutrality."""
 
     name = "toy"
+    # What balance-reproduce puts into a table's diagnostics columns and figures/toy.png: nothing in reproduce.py
+    # names it.
+    table_columns = (Column("acc", label="toy acc", format="percent"),)
+    table_figure = Bars(("acc",), labels=("fused",), ylabel="test accuracy (%)", percent=True)
 
     def compute(self, method, dataloader):
         correct = total = 0

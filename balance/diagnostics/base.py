@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from balance.scopes import evaluation_mode, module_device, to_device
+
+if TYPE_CHECKING:
+    from balance.reproduce import Column
+    from balance.reproduce_figures import TableFigure
 
 
 def batches(method: torch.nn.Module, dataloader: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -24,7 +28,13 @@ class Diagnostic(abc.ABC):
     """A measurement of how a trained method uses its modalities, over one split.
 
     A subclass is registered by its config file ``conf/diagnostics/<name>.yaml`` and implements ``compute``;
-    ``scalars``, ``summary`` and ``figures`` say how its result is logged, summarised in markdown and drawn.
+    ``scalars``, ``summary`` and ``figures`` say how its result is logged, summarised in markdown and drawn;
+    ``table_columns`` and ``table_figure`` which of its scalars ``balance-reproduce`` puts into a table's columns
+    (:class:`~balance.reproduce.Column`) and how it draws them across the table's rows as ``figures/<name>.png``
+    (:mod:`balance.reproduce_figures`), e.g.::
+
+        table_columns = (Column("acc_gap"), Column("gap/{}", label="gap {}"))  # {}: a part that varies
+        table_figure = Bars(("acc_model", "acc_emap"), labels=("model", "EMAP"), percent=True)
 
     The ``method`` passed to ``compute`` is a :class:`~balance.methods.base.MultimodalMethod`: features come from
     ``method.model.encode(inputs)``, the method's prediction from ``method.fused_logits(features, keep)``, and each
@@ -33,6 +43,10 @@ class Diagnostic(abc.ABC):
 
     #: key of the result in ``diagnostics.json`` and prefix of the logged scalars
     name: str = ""
+    #: the headline scalars in ``balance-reproduce``'s table, one column each (or one per key of a pattern)
+    table_columns: tuple[Column, ...] = ()
+    #: the figure of its scalars across a table's rows (None: none), e.g. Bars, StackedBars, Lines
+    table_figure: TableFigure | None = None
 
     @abc.abstractmethod
     def compute(self, method: torch.nn.Module, dataloader: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -45,6 +45,8 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.scopes import evaluation_mode  # noqa: E402
 from balance.diagnostics.missing_modality import split_size  # noqa: E402
+from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_figures import Bars  # noqa: E402
 
 PATHS = ("features", "inputs")
 
@@ -216,6 +218,9 @@ class EMAP(Diagnostic):
     """
 
     name = "emap"
+    table_columns = (Column("acc_gap"),)
+    table_figure = Bars(("acc_model", "acc_emap"), labels=("model", "EMAP (additive part)"), percent=True, zoom=10,
+                        ylabel="test accuracy (%)", title="EMAP: how much accuracy the cross-modal interactions carry")
 
     def __init__(self, path: str = "features", max_samples: int | None = 2000, chunk_size: int = 65536,
                  partners: int | None = None, batch_size: int = 256, seed: int = 0) -> None:

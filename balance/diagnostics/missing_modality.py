@@ -32,6 +32,8 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.dropping import drop_inputs  # noqa: E402
 from balance.missing import missing_mask  # noqa: E402
+from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_figures import Lines  # noqa: E402
 
 DROPS = ("features", "inputs")
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -62,6 +64,9 @@ class MissingModalitySweep(Diagnostic):
     """
 
     name = "missing_modality"
+    table_columns = (Column("acc_r{}", last=True),)  # the accuracy at the highest rate
+    table_figure = Lines("acc_r{}", xlabel="missing rate (share of (sample, modality) slots)",
+                         ylabel="test accuracy (%)", title="Missing-modality robustness", percent=True)
 
     def __init__(self, rates: Iterable[float] | None = None, drop: str = "features", seed: int = 0) -> None:
         if drop not in DROPS:

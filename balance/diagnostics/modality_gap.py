@@ -27,6 +27,8 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
+from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_figures import Bars  # noqa: E402
 
 
 def _pca_2d(points: torch.Tensor, sign_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,6 +55,8 @@ class ModalityGap(Diagnostic):
     """
 
     name = "modality_gap"
+    table_columns = (Column("gap/{}"),)
+    table_figure = Bars(("gap/{}",), ylabel="centroid distance", title="Modality gap of the fused features")
 
     def __init__(self, plot_samples: int = 500, seed: int = 0) -> None:
         if plot_samples < 0:

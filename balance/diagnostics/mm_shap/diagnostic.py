@@ -17,6 +17,12 @@ from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.diagnostics.mm_shap.grouping import check_layout  # noqa: E402
 from balance.diagnostics.mm_shap.sampling import mm_shap_values  # noqa: E402
 from balance.diagnostics.mm_shap.shares import modality_shares  # noqa: E402
+from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_figures import Keys, StackedBars  # noqa: E402
+
+
+#: each modality's mean share (``share_<m>``), not those over the correctly or wrongly predicted samples
+SHARES = Keys("share_{}", but_not=("share_{}_correct", "share_{}_incorrect"))
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -50,6 +56,9 @@ class MMSHAP(Diagnostic):
     """
 
     name = "mm_shap"
+    table_columns = (Column(SHARES),)
+    table_figure = StackedBars(SHARES, ylabel="share of |Shapley values|",
+                               title="MM-SHAP share of the test predictions", line=0.5, ylim=(0, 1))
 
     def __init__(
         self,
