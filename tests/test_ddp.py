@@ -1,5 +1,6 @@
 """DDP on the CPU (2 processes, gloo): training runs and distributed evaluation counts every sample once."""
 
+import csv
 import json
 import os
 import subprocess
@@ -35,3 +36,23 @@ def test_ddp_evaluation_matches_single_process(tmp_path):
     single = trainer.test(method, datamodule=datamodule, verbose=False)[0]
     for name in ("acc", "acc_m0", "acc_m1", "f1"):
         assert abs(single[f"test/{name}"] - results["test"][name]) < 1e-6, name
+
+
+def test_gradient_modulation_is_the_same_on_every_rank(tmp_path):
+    # OGM-GE's coefficients come from each rank's batch and its noise from the method's generator: unless the
+    # scores are summed over the ranks and the noise is drawn alike, the ranks' weights drift apart.
+    overrides = [*SYNTHETIC, "method=ogm_ge", "method.params=weights", "data.num_samples=600", "trainer.max_epochs=1",
+                 f"+callbacks.rank_dump={{_target_:ddp_probe.RankStateDump,directory:{tmp_path / 'ranks'}}}"]
+    out = subprocess.run(
+        [sys.executable, "train.py", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.sync_batchnorm=false", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "tests")},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    coefficients = [float(r[f"train/coeff_{m}"]) for r in rows for m in ("m0", "m1") if r.get(f"train/coeff_{m}")]
+    assert coefficients and min(coefficients) < 1.0  # the modulation acted
+    differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert not differing, differing

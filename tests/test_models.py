@@ -471,3 +471,47 @@ def test_model_trains_end_to_end_through_keep() -> None:
     for m in ("audio", "visual"):
         assert_every_parameter_gets_gradient(model.encoders[m])
     assert all(p.grad is None or not p.grad.any() for p in model.encoders["text"].parameters())
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("name", list(FUSIONS))
+def test_modality_parameters_partition_the_model(name: str, num_modalities: int) -> None:
+    # A modality's parameters: its encoder, its projection, its own block of the head; every other parameter is
+    # shared; and a modality's own parameters influence only its own unimodal logits' inputs.
+    dims = fusion_dims(name, num_modalities)
+    encoders = {m: MLPEncoder(3, (), 6) for m in dims}
+    model = MultimodalModel(encoders, partial(FUSIONS[name][0]), NUM_CLASSES, feature_dim=4 if name != "shared" else 6)
+    owned = {m: {id(p) for p in model.modality_parameters(m)} for m in dims}
+    shared = {id(p) for p in model.shared_parameters()}
+    for m in dims:
+        assert {id(p) for p in model.encoders[m].parameters()} <= owned[m]
+        if m in model.projections:
+            assert {id(p) for p in model.projections[m].parameters()} <= owned[m]
+        for other in dims:
+            assert other == m or not owned[m] & owned[other], (m, other)
+    assert set().union(*owned.values()) | shared == {id(p) for p in model.parameters()}
+    assert not set().union(*owned.values()) & shared
+    # The head's per-modality blocks where the head has them; none for concat and the shared head.
+    head_owned = {id(p) for m in dims for p in model.fusion.modality_parameters(m)}
+    assert (len(head_owned) > 0) == (name in ("sum", "late", "film", "gated"))
+
+
+def test_modality_parameters_refuse_an_unknown_modality() -> None:
+    model = MultimodalModel({"a": MLPEncoder(3, (), 4), "b": MLPEncoder(3, (), 4)}, partial(ConcatFusion), NUM_CLASSES)
+    with pytest.raises(KeyError, match="no modality 'c'"):
+        model.modality_parameters("c")
+
+
+def test_xavier_init_is_the_official_weight_init() -> None:
+    torch.manual_seed(0)
+    model = MultimodalModel({"a": SmallCNNEncoder(1, (8,), 4), "b": MLPEncoder(3, (), 4)}, partial(ConcatFusion),
+                            NUM_CLASSES, init="xavier")
+    head = model.fusion.linear
+    assert torch.equal(head.bias, torch.zeros_like(head.bias))
+    # Xavier-normal: std sqrt(2 / (fan_in + fan_out)); a default (uniform) init has a smaller spread here.
+    expected = (2.0 / (head.in_features + head.out_features)) ** 0.5
+    assert abs(float(head.weight.std()) - expected) < 0.35 * expected
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    with pytest.raises(ValueError, match="init must be one of"):
+        MultimodalModel({"a": MLPEncoder(3, (), 4), "b": MLPEncoder(3, (), 4)}, partial(ConcatFusion), NUM_CLASSES, init="x")
