@@ -1,5 +1,6 @@
 """Every method config, for two and three modalities, on the contract every method stands on: it builds, learns,
-gives every trainable parameter a gradient, and resumes from a mid-run checkpoint exactly (its state included).
+gives every trainable parameter a gradient, and resumes from a mid-run checkpoint exactly (its state included);
+a method defined for fewer modalities (``max_modalities``) is refused at build time instead, with the limit named.
 
 Parametrised over the files in conf/method/, so a new method is tested by adding its YAML file. The data are tiny
 images (synthetic features served as [1, 4, 4]) with small CNN encoders, so methods that act on convolution
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import get_class
 
 from balance.run import build, train
 from compose import CONF_DIR, compose_train
@@ -37,6 +39,16 @@ def _overrides(method: str, num_modalities: int) -> list[str]:
     ]
     method_cfg = compose_train(overrides).method
     return overrides + [f"method.{key}={value}" for key, value in QUICK.items() if key in method_cfg]
+
+
+def _refuses(overrides: list[str], num_modalities: int) -> bool:
+    """Whether the method is defined for fewer modalities; then building it must fail, naming the limit."""
+    limit = get_class(compose_train(overrides).method._target_).max_modalities
+    if limit is None or num_modalities <= limit:
+        return False
+    with pytest.raises(Exception, match=f"at most {limit} modalities"):
+        build(compose_train(overrides))
+    return True
 
 
 def _epoch_losses(run_dir: Path) -> list[float]:
@@ -73,6 +85,8 @@ class _GradientRecorder(pl.Callback):
 @pytest.mark.parametrize("method", METHODS)
 def test_method_learns_and_resumes_exactly(method, num_modalities, tmp_path):
     overrides = _overrides(method, num_modalities)
+    if _refuses(overrides, num_modalities):
+        return
     full = train(compose_train([*overrides, f"trainer.max_epochs={EPOCHS}"], run_dir=tmp_path / "full"))
     losses = _epoch_losses(tmp_path / "full")
     assert len(losses) == EPOCHS and losses[-1] < losses[0], losses
@@ -93,7 +107,10 @@ def test_method_learns_and_resumes_exactly(method, num_modalities, tmp_path):
 @pytest.mark.parametrize("num_modalities", [2, 3])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_trainable_parameter_gets_a_gradient(method, num_modalities):
-    datamodule, module = build(compose_train(_overrides(method, num_modalities)))
+    overrides = _overrides(method, num_modalities)
+    if _refuses(overrides, num_modalities):
+        return
+    datamodule, module = build(compose_train(overrides))
     recorder = _GradientRecorder()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -101,3 +118,15 @@ def test_every_trainable_parameter_gets_a_gradient(method, num_modalities):
     trainer.fit(module, datamodule=datamodule)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable <= recorder.seen, sorted(trainable - recorder.seen)
+
+
+def test_a_method_defined_for_two_modalities_refuses_three():
+    from balance.methods import JointTraining
+
+    class TwoOnly(JointTraining):
+        max_modalities = 2
+
+    cfg = compose_train(_overrides("joint", 3))
+    datamodule, method = build(cfg)
+    with pytest.raises(ValueError, match="at most 2 modalities; the model has 3"):
+        TwoOnly(model=method.model, optimizer=torch.optim.SGD)

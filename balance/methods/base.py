@@ -18,6 +18,8 @@ The contract a method writes against (each part is optional):
 - :class:`~balance.methods.epochs.EpochWindow`: the epochs in which a mechanism is active.
 - ``trainer_settings``: trainer attributes the method needs (e.g. reloading the training loader every epoch);
   the base sets them when the run starts and says so.
+- ``max_modalities``: a method defined only for so many modalities (and with no generalisation) sets it, and is
+  refused at build time for more.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class MultimodalMethod(pl.LightningModule):
 
     #: trainer attributes the method needs, set when the run starts (e.g. ``{"reload_dataloaders_every_n_epochs": 1}``)
     trainer_settings: ClassVar[Mapping[str, Any]] = {}
+    #: the most modalities the method is defined for (``None``: any number)
+    max_modalities: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -68,6 +72,9 @@ class MultimodalMethod(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
+        if self.max_modalities is not None and len(model.modalities) > self.max_modalities:
+            raise ValueError(f"{type(self).__name__} is defined for at most {self.max_modalities} modalities; the "
+                             f"model has {len(model.modalities)} ({list(model.modalities)})")
         self.model = model
         self.modalities = list(model.modalities)
         self.optimizer_factory = optimizer
