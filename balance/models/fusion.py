@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from balance.dropping import drop_features
+
 
 class FusionHead(nn.Module):
     """Base class: remembers the modality order and provides the zero-the-others unimodal fallback."""
@@ -29,9 +31,10 @@ class FusionHead(nn.Module):
         raise NotImplementedError
 
     def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
-            m: self({k: f if k == m else torch.zeros_like(f) for k, f in features.items()}) for m in self.modalities
-        }
+        batch_size = len(features[self.modalities[0]])
+        alone = torch.eye(len(self.modalities), dtype=torch.bool, device=features[self.modalities[0]].device)
+        return {m: self(drop_features(features, self.modalities, alone[i].expand(batch_size, -1)))
+                for i, m in enumerate(self.modalities)}
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         """The head's parameters that belong to ``modality`` alone (its own block, where the head has one); the
