@@ -39,7 +39,7 @@ from datamodules.preparation import (
     remove_stale_temporaries,
     run_items,
 )
-from datamodules.splits import group_split, random_split, stratified_split
+from datamodules.splits import group_split, random_split, split_file_lines, stratified_split
 
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE's class indices
 CLASS_WORDS = {"Neutral": "NEU", "Happy": "HAP", "Sad": "SAD", "Fear": "FEA", "Disgust": "DIS", "Anger": "ANG"}
@@ -209,10 +209,7 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
     """
     path = Path(path)
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in split_file_lines(path):
         fields = [f.strip() for f in (line.split(",") if "," in line else line.split())]
         if len(fields) < 2:
             raise ValueError(f"{path}:{number}: expected `clip,LABEL` (OGM-GE) or `clip.flv Label` (MLA), got {line!r}")

@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.splits import split_file_lines
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 
@@ -91,10 +93,7 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
     """
     path = Path(path)
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in split_file_lines(path):
         if line.startswith("{"):
             try:
                 entry = json.loads(line)

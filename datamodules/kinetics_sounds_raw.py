@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datamodules.splits import split_file_lines
+
 # The 31 Kinetics-400 classes of Kinetics-Sounds, sorted. The 34 classes of Arandjelović and Zisserman (2017)
 # were named in a pre-release of Kinetics; these are their Kinetics-400 names, the 31-class list that AdaMML's
 # authors published (IBM/AdaMML issue #3) for the 31-class set OGM-GE also reports. Papers use 31, 32 or 34.
@@ -147,10 +149,7 @@ def read_list_file(path: str | Path) -> list[tuple[str, str | None]]:
     """
     path = Path(path)
     rows = []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for _, line in split_file_lines(path):
         if "," in line:
             fields = [f.strip() for f in line.split(",")]
             clip, label = fields[0], (fields[-1] if len(fields) > 1 else None)

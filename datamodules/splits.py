@@ -1,10 +1,21 @@
-"""Deterministic, stratified train/val/test splits (optionally keeping groups of samples together)."""
+"""Deterministic, stratified train/val/test splits (optionally keeping groups of samples together), and the
+lines of a user's split file."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+
+
+def split_file_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, stripped line)`` of a split file's entries: blank lines and ``#`` comments skipped, a UTF-8
+    byte-order mark (common in files saved on Windows) and CRLF line ends removed."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield number, line
 
 
 def stratified_split(
