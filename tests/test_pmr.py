@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from balance.methods.pmr import PMR, pce_coefficients, prototype_logits, true_class_scores, update_prototypes
+from balance.methods.ogm_ge import confidence_scores
+from balance.methods.pmr import PMR, pce_coefficients, prototype_logits, update_prototypes
 from balance.models import MLPEncoder, MultimodalModel
 from balance.models.fusion import ConcatFusion
 from balance.run import build, train
@@ -29,7 +30,7 @@ def test_scores_sum_the_true_class_probability():
     logits = {"a": torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]), "v": torch.tensor([[2.0, 2.0], [0.0, -9.0]])}
     labels = torch.tensor([1, 1])
     expected = [0.75 + 0.5, 0.5 + 1 / (1 + math.exp(9.0))]
-    assert true_class_scores(logits, labels).tolist() == pytest.approx(expected)
+    assert confidence_scores(logits, labels).tolist() == pytest.approx(expected)
 
 
 def test_coefficients_follow_the_official_rule_and_generalise():

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
+from balance.methods.ogm_ge import confidence_scores
 from balance.methods.step import Step
 from balance.scopes import evaluation_mode
 
@@ -34,11 +35,6 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.
     """``[B, C]`` negative Euclidean distances of ``[B, d]`` features to ``[C, d]`` prototypes."""
     # The exact per-pair distance (not the matrix-product shortcut), as the official loop computes it.
     return -torch.cdist(features.float(), prototypes.float(), compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def true_class_scores(logits: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """``[M]``: each modality's softmax probability of the true class, summed over the batch (no gradient)."""
-    return torch.stack([F.softmax(z.detach(), dim=1).gather(1, labels.view(-1, 1)).sum() for z in logits.values()])
 
 
 def pce_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -158,7 +154,7 @@ class PMR(MultimodalMethod):
     def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
         terms = dict(super().loss_terms(step))
         logits = {m: prototype_logits(step.features[m], self.prototypes(m)) for m in self.modalities}
-        scores = true_class_scores(logits, step.labels)
+        scores = confidence_scores(logits, step.labels)
         batch_size = len(step.labels)
         for m, z in logits.items():
             self.record(f"proto_acc_{m}", (z.argmax(1) == step.labels).float().mean(), weight=batch_size)
