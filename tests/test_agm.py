@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from balance.methods.agm import modulation_coefficients, response_losses, shapley_matrix
 from balance.run import build
-from compose import compose_train
+from compose import compose_train, fit_and_measure_encoders
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,16 +194,9 @@ def test_dominant_modality_is_slowed_and_the_weak_one_learns_more_than_under_joi
     # The same seed, data, batches and SGD: m0 carries most of the signal, so it is the one AGM slows.
     moved, logged = {}, {}
     for name in ("joint", "agm"):
-        cfg = compose_train([*IMAGES, f"method={name}", "optimizer=sgd", "method.optimizer.lr=5.0e-2"],
-                            run_dir=tmp_path / name)
-        pl.seed_everything(0)
-        datamodule, module = build(cfg)
-        start = {n: p.detach().clone() for n, p in module.named_parameters()}
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=3, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=datamodule)
-        moved[name] = {m: sum(float((p.detach() - start[n]).norm()) for n, p in module.named_parameters()
-                              if n.startswith(f"model.encoders.{m}.")) for m in module.modalities}
+        moved[name], trainer, _, _ = fit_and_measure_encoders(
+            [*IMAGES, f"method={name}", "optimizer=sgd", "method.optimizer.lr=5.0e-2"], epochs=3,
+            run_dir=tmp_path / name)
         logged[name] = trainer.logged_metrics
     assert float(logged["agm"]["train/coeff_m0"]) < 1.0 < float(logged["agm"]["train/coeff_m1"])
     assert moved["agm"]["m0"] < 0.9 * moved["joint"]["m0"], moved

@@ -9,7 +9,7 @@ import torch
 from balance.methods.ogm_ge import confidence_scores, modulation_coefficients
 from balance.methods.step import Step
 from balance.run import build, train
-from compose import compose_train
+from compose import compose_train, fit_and_measure_encoders
 
 IMAGES = ["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", "data.num_samples=400",
           "data.batch_size=32", "data.informativeness=[2.0,0.3]", "trainer.enable_progress_bar=false",
@@ -84,17 +84,10 @@ def test_dominant_encoder_learns_less_than_under_joint_training(tmp_path):
     # The same seed, data and batches: OGM (no noise) damps only the dominant modality m0's convolutions.
     moved = {}
     for method in ("joint", "ogm_ge"):
-        cfg = compose_train([*IMAGES, f"method={method}", "optimizer=sgd", "method.optimizer.lr=5.0e-2",
-                             *(["method.ge=false", "method.alpha=0.5"] if method == "ogm_ge" else [])],
-                            run_dir=tmp_path / method)
-        pl.seed_everything(0)
-        datamodule, module = build(cfg)
-        start = {n: p.detach().clone() for n, p in module.named_parameters()}
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=datamodule)
-        moved[method] = {m: sum(float((p - start[n]).norm()) for n, p in module.named_parameters()
-                                if n.startswith(f"model.encoders.{m}.") and p.dim() == 4) for m in module.modalities}
+        moved[method], trainer, _, _ = fit_and_measure_encoders(
+            [*IMAGES, f"method={method}", "optimizer=sgd", "method.optimizer.lr=5.0e-2",
+             *(["method.ge=false", "method.alpha=0.5"] if method == "ogm_ge" else [])],
+            epochs=2, run_dir=tmp_path / method, kernels_only=True)
         if method == "ogm_ge":
             logged = trainer.logged_metrics
             assert float(logged["train/coeff_m0"]) < float(logged["train/coeff_m1"]) <= 1.0  # m0 damped more

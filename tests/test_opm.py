@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from balance.methods.ogm_ge import confidence_scores
 from balance.methods.opm import drop_probabilities, feature_scale
 from balance.run import build, train
-from compose import compose_train
+from compose import compose_train, fit_and_measure_encoders
 
 SYNTHETIC = ["data=synthetic", "model=mlp", "data.num_samples=400", "data.batch_size=32",
              "data.informativeness=[2.0,0.3]", "trainer.enable_progress_bar=false",
@@ -122,16 +122,9 @@ def test_dominant_encoder_learns_less_and_the_weak_one_more_than_under_joint_tra
     # The same seed, data, batches and optimizer (AdamW); m0 carries most of the signal.
     moved, weak_acc = {}, {}
     for method in ("joint", "opm"):
-        cfg = compose_train([*SYNTHETIC, "data.num_samples=800", f"method={method}", "optimizer=adamw",
-                             *(["method.modulation_starts=0"] if method == "opm" else [])])
-        pl.seed_everything(0)
-        datamodule, module = build(cfg)
-        start = {n: p.detach().clone() for n, p in module.named_parameters()}
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=4, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=datamodule)
-        moved[method] = {m: sum(float((p.detach() - start[n]).norm()) for n, p in module.named_parameters()
-                                if n.startswith(f"model.encoders.{m}.")) for m in module.modalities}
+        moved[method], trainer, datamodule, module = fit_and_measure_encoders(
+            [*SYNTHETIC, "data.num_samples=800", f"method={method}", "optimizer=adamw",
+             *(["method.modulation_starts=0"] if method == "opm" else [])], epochs=4)
         if method == "opm":
             logged = trainer.logged_metrics
             assert float(logged["train/drop_prob_m0"]) > 0.5 and float(logged["train/drop_prob_m1"]) == 0.0

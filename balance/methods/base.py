@@ -20,6 +20,8 @@ The contract a method writes against (each part is optional):
   the base sets them when the run starts and says so.
 - ``max_modalities``: a method defined only for so many modalities (and with no generalisation) sets it, and is
   refused at build time for more.
+- ``parameter_groups()``: the optimizer's parameter groups (one by default), for parts that train with their own
+  learning rate or weight decay.
 """
 
 from __future__ import annotations
@@ -282,8 +284,14 @@ class MultimodalMethod(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         return self.evaluation_step(batch, "test")
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one group of every trainable parameter here. A method with parts of
+        its own that train with other options (e.g. auxiliary classifiers at their own learning rate) returns more
+        groups, each a dict with ``params`` and the options it overrides (``lr``, ``weight_decay``, ...)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
