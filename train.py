@@ -1,8 +1,11 @@
 """Entry point: ``python train.py [group=option ...] [key=value ...]`` (see README)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from balance.overrides import expand_home
 from balance.run import run
 
 
@@ -14,4 +17,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = expand_home(sys.argv[1:])
     main()

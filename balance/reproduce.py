@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from hydra.utils import get_class
 
+from balance.overrides import expand_home
 from balance.reproduce_figures import Keys, epoch_metrics, mean_std, write_figures
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="train nothing: evaluate each finished run's selected checkpoint with the overrides "
                              "after -- (e.g. more diagnostics) into <run>/NAME/; the table adds their numbers")
     args, extra = parser.parse_known_args(argv)
-    extra = [e for e in extra if e != "--"]
+    extra = expand_home([e for e in extra if e != "--"])
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")

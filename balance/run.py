@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from balance.diagnostics import DiagnosticsCallback
 from balance.methods import MultimodalMethod
@@ -20,6 +22,9 @@ from balance.report import format_results
 from balance.selection import PROTOCOLS, apply_protocol
 
 log = logging.getLogger(__name__)
+
+#: the exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it)
+SIGTERM_EXIT_CODE = 143
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -100,10 +105,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         ``{"val": {...}, "test": {...}, "best_checkpoint": path, "best_epoch": int, "selection": ...}``.
     """
+    if cfg.trainer.get("max_epochs") == 0:
+        raise ValueError("trainer.max_epochs=0 trains nothing; to evaluate a trained checkpoint without training use "
+                         "task=evaluate ckpt_path=<run>/checkpoints/<file>.ckpt")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, method = build(cfg)
     trainer = build_trainer(cfg)
-    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        # Lightning stops the loop cleanly on SIGTERM but exits 0, which a cluster would take for success.
+        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        log.error("stopped by SIGTERM in epoch %d (step %d); no results were written. The last finished epoch is "
+                  "in %s: resume with the same overrides plus ckpt_path=%s", trainer.current_epoch,
+                  trainer.global_step, last, last)
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
 
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
@@ -175,10 +191,22 @@ def _evaluate_and_report(cfg: DictConfig, trainer: pl.Trainer, method: Multimoda
         **extra,
     }
     if trainer.is_global_zero:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (run_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
         print(format_results(results, list(datamodule.modalities)))
         print(f"results: {run_dir / 'results.json'}")
     return results
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (``null``): JSON has no NaN or infinity, and a
+    file with them is unreadable to strict parsers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _checkpoint_epoch(path: str | None) -> int | None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from balance.dropping import drop_inputs
 from balance.resampling import TrainingPlan
@@ -32,6 +32,40 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class NoLoneLastBatch(BatchSampler):
+    """Batches of ``batch_size`` in the sampler's order, except that a last batch of one sample joins the batch
+    before it: a batch of one breaks every batch-norm layer in training mode, and dropping the sample would lose it
+    for the epoch (and for a method that values every training sample as it trains). The training plan's size
+    changes from epoch to epoch; the loader is built anew for each, so every size is covered."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __iter__(self):
+        batches = list(super().__iter__())
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            lone = batches.pop()
+            batches[-1] = batches[-1] + lone
+        yield from batches
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        full, rest = divmod(count, self.batch_size)
+        return full + (rest > 1) + (rest == 1 and full == 0)
+
+
+def _check_split_sizes(sizes: Mapping[str, int], datamodule: str) -> None:
+    """Refuses, before any training, a data set with an empty split: the run would train and then fail to
+    select or test a model."""
+    empty = [split for split, size in sizes.items() if size == 0]
+    if empty:
+        listed = ", ".join(f"{split} {size}" for split, size in sizes.items())
+        raise ValueError(
+            f"{datamodule}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+            f"(samples per split: {listed}). Every split needs at least one sample: use more data, raise "
+            "data.val_fraction / data.test_fraction, or give split files whose items are all in the data")
 
 
 def _world_size() -> int:
@@ -178,6 +212,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         raw = self.build_datasets()
+        _check_split_sizes({split: len(raw[split]) for split in SPLITS}, type(self).__name__)
         masks = {}
         for offset, split in enumerate(SPLITS):
             masks[split] = None
@@ -207,10 +242,15 @@ class MultimodalDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = _distributed_sampler(dataset, shuffle) if _world_size() > 1 else None
+        if shuffle:
+            # The same order DataLoader(shuffle=True) draws, batched so that no training batch holds one sample.
+            batches = NoLoneLastBatch(sampler if sampler is not None else RandomSampler(dataset), batch_size)
+            return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
+            shuffle=False,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -58,7 +58,20 @@ def stratified_split(
         bounds[-1] = len(members)
         for name, start, stop in zip(names, np.r_[0, bounds[:-1]], bounds):
             chosen[name].extend(members[start:stop].tolist())
+    _fill_empty_parts(chosen, fractions)
     return {name: np.flatnonzero(np.isin(group_ids, chosen[name])) for name in names}
+
+
+def _fill_empty_parts(parts: dict[str, list], fractions: Mapping[str, float]) -> None:
+    """Gives every part with a positive fraction at least one unit (sample or group), taken from the largest
+    part, where rounding left it empty: a tiny data set is still split into parts that can be trained, selected
+    and tested on. Nothing moves when every part has a unit already, so larger data sets split as before."""
+    for name in fractions:
+        if parts[name] or fractions[name] <= 0:
+            continue
+        donor = max(parts, key=lambda n: len(parts[n]))
+        if len(parts[donor]) > 1:
+            parts[name].append(parts[donor].pop())
 
 
 def group_split(groups: Sequence[int], fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
@@ -67,10 +80,9 @@ def group_split(groups: Sequence[int], fractions: Mapping[str, float], seed: int
     unique = np.random.default_rng(seed).permutation(np.unique(groups))
     bounds = np.round(np.cumsum(list(fractions.values())) * len(unique)).astype(int)
     bounds[-1] = len(unique)
-    parts = {}
-    for name, start, stop in zip(fractions, np.r_[0, bounds[:-1]], bounds):
-        parts[name] = np.flatnonzero(np.isin(groups, unique[start:stop]))
-    return parts
+    chosen = {name: unique[start:stop].tolist() for name, start, stop in zip(fractions, np.r_[0, bounds[:-1]], bounds)}
+    _fill_empty_parts(chosen, fractions)
+    return {name: np.flatnonzero(np.isin(groups, chosen[name])) for name in fractions}
 
 
 def random_split(num: int, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
@@ -78,4 +90,6 @@ def random_split(num: int, fractions: Mapping[str, float], seed: int) -> dict[st
     order = np.random.default_rng(seed).permutation(num)
     bounds = np.round(np.cumsum(list(fractions.values())) * num).astype(int)
     bounds[-1] = num
-    return {name: np.sort(order[start:stop]) for name, start, stop in zip(fractions, np.r_[0, bounds[:-1]], bounds)}
+    chosen = {name: order[start:stop].tolist() for name, start, stop in zip(fractions, np.r_[0, bounds[:-1]], bounds)}
+    _fill_empty_parts(chosen, fractions)
+    return {name: np.sort(np.asarray(chosen[name], dtype=int)) for name in fractions}

@@ -124,11 +124,23 @@ class MultimodalMethod(pl.LightningModule):
         """The gradient hook: called after backward and before the optimizer step with the step whose loss was
         backpropagated (the last one when gradients accumulate); does nothing here."""
 
+    def check_finite(self, step: Step, loss: torch.Tensor) -> None:
+        """Stops the run at the first non-finite training loss, naming the epoch, the step and the loss terms:
+        training on would only end with chance accuracy and NaN in every result."""
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in step.losses.items())
+            raise FloatingPointError(
+                f"non-finite training loss in epoch {self.current_epoch}, step {self.global_step} (batch "
+                f"{step.batch_idx}{'' if step.modality is None else ', modality ' + step.modality}): {terms}. "
+                "Lower the learning rate (method.optimizer.lr), clip gradients (trainer.gradient_clip_val=1.0), "
+                "or check the inputs for NaN or infinite values")
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.forward_step(batch, batch_idx)
         self.observe_step(step)
         self._pending_step = step
         loss = step.loss
+        self.check_finite(step, loss)
         self.log_metrics("train", step.logits.detach(), {m: u.detach() for m, u in step.unimodal_logits.items()},
                          step.labels, loss.detach())
         return loss
@@ -143,6 +155,7 @@ class MultimodalMethod(pl.LightningModule):
                               gradient_clip_val: float | None = None) -> None:
         """One optimizer step under manual optimization: backward, the gradient hook, optional norm clipping,
         the step, zeroed gradients."""
+        self.check_finite(step, loss)
         self.manual_backward(loss)
         self.modify_gradients(step)
         if gradient_clip_val is not None:

@@ -1,0 +1,118 @@
+"""Runs that would fail late or report a wrong number with exit 0 fail early and loudly instead, or succeed."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+from torch.utils.data import BatchSampler, SequentialSampler
+
+from balance.overrides import expand_home
+from balance.run import SIGTERM_EXIT_CODE, _json_safe, build, train
+from compose import compose_train
+from datamodules.base import NoLoneLastBatch
+from datamodules.splits import group_split, random_split, stratified_split
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.contributions=null"]
+IMAGES = ["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", *QUIET]
+
+
+def test_tiny_data_sets_are_split_with_a_sample_in_every_part():
+    # 24 clips of 6 classes with 10 % validation and test: per-class rounding alone leaves the test part empty.
+    labels = np.repeat(np.arange(6), 4)
+    parts = stratified_split(labels, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert [len(parts[p]) for p in ("train", "val", "test")] == [17, 6, 1]
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(24))
+    parts = random_split(3, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert sorted(len(p) for p in parts.values()) == [1, 1, 1]
+    parts = group_split([0, 0, 1, 2, 3], {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert all(len(p) for p in parts.values()) and len(set(np.concatenate(list(parts.values())))) == 5
+
+
+def test_larger_data_sets_split_exactly_as_before():
+    labels = np.repeat(np.arange(6), 100)
+    parts = stratified_split(labels, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=3)
+    assert [len(parts[p]) for p in ("train", "val", "test")] == [480, 60, 60]
+    for p in parts.values():  # stratified: every class in every part in proportion
+        assert np.bincount(labels[p]).tolist() == [len(p) // 6] * 6
+
+
+def test_an_empty_split_is_refused_before_training_with_the_sizes_and_the_fix():
+    with pytest.raises(ValueError, match=r"test split is empty \(samples per split: train 1, val 1, test 0\).*"
+                                         r"data.val_fraction"):
+        train(compose_train([*IMAGES, "data.num_samples=2"], run_dir="/tmp/balance-unused"))
+
+
+@pytest.mark.parametrize("count, sizes", [(9, [4, 5]), (8, [4, 4]), (10, [4, 4, 2]), (1, [1]), (5, [5])])
+def test_a_lone_last_sample_joins_the_batch_before_it(count, sizes):
+    batches = list(NoLoneLastBatch(SequentialSampler(range(count)), 4))
+    assert [len(b) for b in batches] == sizes and len(NoLoneLastBatch(SequentialSampler(range(count)), 4)) == len(sizes)
+    plain = [i for b in BatchSampler(SequentialSampler(range(count)), 4, drop_last=False) for i in b]
+    assert [i for b in batches for i in b] == plain  # the same samples in the same order
+
+
+def test_batch_norm_models_train_when_the_training_size_is_one_more_than_a_multiple_of_the_batch(tmp_path):
+    cfg = compose_train([*IMAGES, "data.num_samples=47", "data.batch_size=32", "trainer.max_epochs=1"],
+                        run_dir=tmp_path)
+    datamodule, _ = build(cfg)
+    datamodule.setup()
+    assert len(datamodule.datasets["train"]) == 33  # 32 + 1: a batch of one without the guard
+    assert [len(b["label"]) for b in datamodule.train_dataloader()] == [33]
+    assert train(cfg)["test"]["acc"] >= 0
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_terms(tmp_path):
+    cfg = compose_train([*IMAGES, "data.num_samples=200", "optimizer=sgd", "method.optimizer.lr=1.0e12",
+                         "trainer.max_epochs=2"], run_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss in epoch 0, step \d+ .*fused=.*"
+                                                 r"method.optimizer.lr"):
+        train(cfg)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_zero_epochs_is_refused_naming_evaluation():
+    with pytest.raises(ValueError, match="task=evaluate"):
+        train(compose_train([*IMAGES, "trainer.max_epochs=0"]))
+
+
+def test_results_are_strict_json():
+    safe = _json_safe({"test": {"loss": math.nan, "acc": 0.5}, "rows": [math.inf, 1.0], "name": "x"})
+    assert json.loads(json.dumps(safe, allow_nan=False)) == {"test": {"loss": None, "acc": 0.5},
+                                                             "rows": [None, 1.0], "name": "x"}
+
+
+class SigtermAtStep(pl.Callback):
+    """Sends this process SIGTERM after the given training step (as a cluster pre-empting the job would)."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_non_zero_and_says_how_to_resume(tmp_path, caplog):
+    cfg = compose_train([*IMAGES, "data.num_samples=200", "trainer.max_epochs=3",
+                         "+callbacks.sigterm._target_=test_failures.SigtermAtStep"], run_dir=tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == SIGTERM_EXIT_CODE
+    assert "ckpt_path=" in caplog.text and "last.ckpt" in caplog.text
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_home_relative_values_work_as_the_readme_types_them():
+    home = os.path.expanduser("~")
+    assert expand_home(["data.root=~/data/crema_d", "+x.y=~", "~callbacks.contributions", "seed=3", "a=b~/c"]) == [
+        f"data.root={home}/data/crema_d", f"+x.y={home}", "~callbacks.contributions", "seed=3", "a=b~/c"]
+    shown = subprocess.run([sys.executable, "train.py", "data=crema_d", "model=crema_d", "data.root=~/data/crema_d",
+                            "--cfg", "job"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert f"root: {home}/data/crema_d" in shown
