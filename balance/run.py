@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +24,8 @@ from balance.selection import PROTOCOLS, apply_protocol
 
 log = logging.getLogger(__name__)
 
+#: the config groups a checkpoint is rebuilt from
+RUN_CONFIG_KEYS = ("data", "model", "method")
 #: the exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it)
 SIGTERM_EXIT_CODE = 143
 
@@ -61,6 +64,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MultimodalMethod]:
             f"{list(datamodule.modalities)}: pick a model config for this data set (model=...)"
         )
     method = instantiate(cfg.method, model=model)
+    # Saved in every checkpoint, so that a checkpoint moved out of its run directory can be rebuilt as trained.
+    method.run_config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in RUN_CONFIG_KEYS}
     return datamodule, method
 
 
@@ -108,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("max_epochs") == 0:
         raise ValueError("trainer.max_epochs=0 trains nothing; to evaluate a trained checkpoint without training use "
                          "task=evaluate ckpt_path=<run>/checkpoints/<file>.ckpt")
+    if cfg.get("ckpt_path"):
+        cfg = _resume_config(cfg, Path(cfg.ckpt_path).expanduser())
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, method = build(cfg)
     trainer = build_trainer(cfg)
@@ -129,6 +136,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return _evaluate_and_report(cfg, trainer, method, datamodule, best, {"selection": selection})
 
 
+def _resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
+    """Checks the checkpoint to resume from and, unless ``resume_in_run_dir`` is false, continues the run in the
+    checkpoint's own run directory: its checkpoints, logs and results stay together, and model selection keeps the
+    best epoch from before the interruption (Lightning restores it only for the same checkpoint directory)."""
+    read_checkpoint(checkpoint)
+    own = checkpoint.resolve().parent
+    if not cfg.get("resume_in_run_dir", True) or own.name != "checkpoints" or own.parent == Path(cfg.run_dir).resolve():
+        return cfg
+    log.info("resuming in the checkpoint's run directory %s (resume_in_run_dir=false starts a new one)", own.parent)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.run_dir = str(own.parent)
+    return cfg
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates ``cfg.ckpt_path`` on val and test without training (with any selected diagnostics).
 
@@ -140,30 +162,67 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise ValueError("task=evaluate needs ckpt_path=<run>/checkpoints/<file>.ckpt")
     checkpoint = Path(cfg.ckpt_path).expanduser()
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"ckpt_path {checkpoint} does not exist")
-    cfg = _with_training_config(cfg, checkpoint)
+    cfg = _with_training_config(cfg, checkpoint, read_checkpoint(checkpoint))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, method = build(cfg)
     trainer = build_trainer(cfg)
-    return _evaluate_and_report(cfg, trainer, method, datamodule, str(checkpoint), {"selection": "given checkpoint"})
+    try:
+        return _evaluate_and_report(cfg, trainer, method, datamodule, str(checkpoint),
+                                    {"selection": "given checkpoint"})
+    except RuntimeError as error:
+        if "state_dict" not in str(error):
+            raise
+        raise ValueError(f"the weights in {checkpoint} do not fit the model built from this config (data, model and "
+                         f"method): {str(error).splitlines()[0]} Evaluate with the run's own config "
+                         "(evaluate.use_run_config=true, the default) or give the data/model/method it was trained "
+                         "with") from error
 
 
-def _with_training_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
-    run_config = checkpoint.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not (cfg.get("evaluate") or {}).get("use_run_config", True) or not run_config.is_file():
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded on the CPU; a missing, empty, truncated or foreign file is refused with its
+    path and size."""
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises EOFError, RuntimeError, UnpicklingError, OSError
+        raise ValueError(f"ckpt_path {path} ({path.stat().st_size} bytes) is truncated or not a checkpoint: "
+                         f"{type(error).__name__}: {error}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"ckpt_path {path} is not a Lightning checkpoint (it holds no state_dict)")
+    return checkpoint
+
+
+def _with_training_config(cfg: DictConfig, path: Path, checkpoint: Mapping[str, Any]) -> DictConfig:
+    if not (cfg.get("evaluate") or {}).get("use_run_config", True):
         return cfg
-    log.info("evaluate: data, model and method configs from %s", run_config)
-    trained = OmegaConf.load(run_config)
+    run_config = path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if run_config.is_file():
+        trained, source = OmegaConf.load(run_config), str(run_config)
+    elif checkpoint.get("run_config") is not None:
+        trained, source = OmegaConf.create(checkpoint["run_config"]), f"the checkpoint itself ({path})"
+    else:
+        log.warning("evaluate: %s has no run config (no <run>/.hydra/config.yaml beside it and none inside it): the "
+                    "data, model and method configs are the command line's", path)
+        return cfg
+    log.info("evaluate: data, model and method configs from %s", source)
     given = cfg
     cfg = cfg.copy()
+    keys = _command_line_keys()
     with open_dict(cfg):
-        for key in ("data", "model", "method"):
+        for key in RUN_CONFIG_KEYS:
             cfg[key] = trained[key]
+        for key in keys:
+            group = key.replace("/", ".").split(".", 1)[0]
+            if group in RUN_CONFIG_KEYS and "." not in key and OmegaConf.select(given, key.replace("/", ".")) != \
+                    OmegaConf.select(cfg, key.replace("/", ".")):
+                log.warning("evaluate: %s= from the command line is ignored: the checkpoint was trained with another "
+                            "%s config, which is used (evaluate.use_run_config=false takes the command line's)",
+                            key, key)
         # Options given on the command line still apply (e.g. `method=mla method.fusion=fixed` evaluates an MLA
         # checkpoint with fixed fusion weights): they were composed into `given`, so their values are taken there.
-        for key in _command_line_keys():
-            if key.split(".", 1)[0] in ("data", "model", "method") and "." in key:
+        for key in keys:
+            if key.split(".", 1)[0] in RUN_CONFIG_KEYS and "." in key:
                 log.info("evaluate: %s from the command line", key)
                 OmegaConf.update(cfg, key, OmegaConf.select(given, key), merge=False)
     return cfg

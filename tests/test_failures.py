@@ -1,8 +1,10 @@
 """Runs that would fail late or report a wrong number with exit 0 fail early and loudly instead, or succeed."""
 
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytorch_lightning as pl
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from balance.overrides import expand_home
-from balance.run import SIGTERM_EXIT_CODE, _json_safe, build, train
+from balance.run import SIGTERM_EXIT_CODE, _json_safe, build, run, train
 from compose import compose_train
 from datamodules.base import NoLoneLastBatch
 from datamodules.splits import group_split, random_split, stratified_split
@@ -116,3 +118,42 @@ def test_home_relative_values_work_as_the_readme_types_them():
     shown = subprocess.run([sys.executable, "train.py", "data=crema_d", "model=crema_d", "data.root=~/data/crema_d",
                             "--cfg", "job"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert f"root: {home}/data/crema_d" in shown
+
+
+def test_a_resumed_run_continues_in_its_own_directory_and_keeps_the_best_epoch(tmp_path):
+    common = [*IMAGES, "data.num_samples=200", "+model.encoders.encoder.dropout=0.3", "seed=3"]
+    full = train(compose_train([*common, "trainer.max_epochs=4"], run_dir=tmp_path / "full"))
+    train(compose_train([*common, "trainer.max_epochs=2"], run_dir=tmp_path / "part"))
+    # The README's resume command: a new Hydra run directory, the old run's last.ckpt.
+    resumed = train(compose_train([*common, "trainer.max_epochs=4",
+                                   f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"],
+                                  run_dir=tmp_path / "new"))
+    assert not (tmp_path / "new" / "checkpoints").exists() and (tmp_path / "part" / "results.json").is_file()
+    assert resumed["best_epoch"] == full["best_epoch"] and resumed["test"] == full["test"]
+    assert Path(resumed["best_checkpoint"]).parent == tmp_path / "part" / "checkpoints"
+
+
+@pytest.mark.parametrize("content, match", [(b"", "0 bytes"), (b"not a checkpoint", "truncated or not")])
+def test_a_broken_checkpoint_is_named_with_its_size(tmp_path, content, match):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(content)
+    for task in ("train", "evaluate"):
+        with pytest.raises(ValueError, match=match):
+            run(compose_train([*IMAGES, f"task={task}", f"ckpt_path={broken}"], run_dir=tmp_path / task))
+
+
+def test_a_checkpoint_moved_out_of_its_run_is_rebuilt_from_the_config_inside_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="balance.run")
+    trained = train(compose_train([*IMAGES, "data.num_samples=200", "trainer.max_epochs=2",
+                                   "model.encoders.encoder.channels=[4,8]"], run_dir=tmp_path / "run"))
+    moved = tmp_path / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(trained["best_checkpoint"], moved)
+    evaluated = run(compose_train([*IMAGES, "data.num_samples=200", "task=evaluate", f"ckpt_path={moved}"],
+                                  run_dir=tmp_path / "eval"))
+    assert "from the checkpoint itself" in caplog.text
+    assert evaluated["test"]["acc"] == pytest.approx(trained["test"]["acc"])
+    # Without the run's config, the default model does not fit the weights: refused, naming the fix.
+    with pytest.raises(ValueError, match="do not fit the model built from this config"):
+        run(compose_train([*IMAGES, "data.num_samples=200", "task=evaluate", f"ckpt_path={moved}",
+                           "evaluate.use_run_config=false"], run_dir=tmp_path / "eval2"))

@@ -88,6 +88,9 @@ class MultimodalMethod(pl.LightningModule):
         self._generators: dict[str, torch.Generator] = {}
         self._generator_states: dict[str, torch.Tensor] = {}
         self._pending_step: Step | None = None
+        #: the run's resolved ``data``, ``model`` and ``method`` configs (set by ``balance.run.build``), saved in
+        #: checkpoints so that one moved out of its run directory can still be rebuilt as it was trained
+        self.run_config: dict[str, Any] | None = None
 
     def _stage_metrics(self, num_classes: int) -> MetricCollection:
         metrics = {
@@ -321,6 +324,8 @@ class MultimodalMethod(pl.LightningModule):
             "python": random.getstate(),
         }
         checkpoint["method_generators"] = {key: g.get_state() for key, g in self._generators.items()}
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
