@@ -1,4 +1,11 @@
-"""Encoders: each maps one modality's input to a pooled feature vector of size `out_dim`."""
+"""Encoders: each maps one modality's input to a pooled feature vector of size `out_dim`.
+
+The convolutional encoders (`ResNet18Encoder`, `SmallCNNEncoder`) also expose their *stages*, so that mid-fusion
+blocks (`balance.models.mmtm`, MMTM) can run between them: ``fold(x)`` gives the input as a batch of 2-D inputs
+and its frame count (frames folded into the batch), ``stages()`` the stage modules in order, ``stage_channels``
+their output channels, and ``finish(maps, frames)`` the feature vector from the last stage's maps, so that
+``finish(stages[-1](... stages[0](fold(x)[0])), frames)`` equals ``forward(x)``.
+"""
 
 from __future__ import annotations
 
@@ -42,11 +49,24 @@ class ResNet18Encoder(nn.Module):
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.trunk = nn.Sequential(*list(net.children())[:-2])
 
+    #: output channels of each stage (`stages`)
+    stage_channels = (64, 128, 256, 512)
+
+    def fold(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``([B*T, C, H, W], T)``: the input with its frames folded into the batch (``T = 1`` for an image)."""
+        return _fold_frames(x, frame_dims=3)
+
+    def stages(self) -> list[nn.Module]:
+        """The trunk's stages for mid-fusion: stem and ``layer1``, then ``layer2``, ``layer3``, ``layer4``."""
+        return [self.trunk[:5], self.trunk[5], self.trunk[6], self.trunk[7]]
+
+    def finish(self, maps: torch.Tensor, frames: int) -> torch.Tensor:
+        """``[B, 512]``: the last stage's maps ``[B*T, 512, h, w]`` pooled over frames and space."""
+        return maps.unflatten(0, (-1, frames)).mean(dim=(1, 3, 4))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat, frames = _fold_frames(x, frame_dims=3)
-        maps = self.trunk(flat)  # [B*T, 512, h, w]
-        maps = maps.unflatten(0, (-1, frames))  # [B, T, 512, h, w]
-        return maps.mean(dim=(1, 3, 4))
+        flat, frames = self.fold(x)
+        return self.finish(self.trunk(flat), frames)  # trunk: [B*T, 512, h, w]
 
 
 class SmallCNNEncoder(nn.Module):
@@ -78,11 +98,23 @@ class SmallCNNEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.project = nn.Sequential(nn.Dropout(dropout), nn.Linear(previous, out_dim))
         self.out_dim = out_dim
+        self.stage_channels = tuple(channels)
+
+    def fold(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``([B*T, C, H, W], T)``: the input with its frames folded into the batch (``T = 1`` for an image)."""
+        return _fold_frames(x, frame_dims=3)
+
+    def stages(self) -> list[nn.Module]:
+        """One stage per block (conv, batch norm, ReLU, max pooling), for mid-fusion."""
+        return [self.blocks[i:i + 4] for i in range(0, len(self.blocks), 4)]
+
+    def finish(self, maps: torch.Tensor, frames: int) -> torch.Tensor:
+        """``[B, out_dim]``: the last block's maps pooled over space, then frames, and projected."""
+        return self.project(maps.mean(dim=(2, 3)).unflatten(0, (-1, frames)).mean(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat, frames = _fold_frames(x, frame_dims=3)
-        pooled = self.blocks(flat).mean(dim=(2, 3)).unflatten(0, (-1, frames)).mean(dim=1)
-        return self.project(pooled)
+        flat, frames = self.fold(x)
+        return self.finish(self.blocks(flat), frames)
 
 
 class MLPEncoder(nn.Module):

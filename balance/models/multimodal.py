@@ -1,4 +1,5 @@
-"""`MultimodalModel`: per-modality encoders and a fusion head, with modality dropping by feature zeroing."""
+"""`MultimodalModel`: per-modality encoders and a fusion head, with modality dropping by feature zeroing, and
+optional MMTM mid-fusion blocks between the encoders' stages."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from balance.dropping import drop_features, zero_input
 from balance.models.fusion import FusionHead
+from balance.models.mmtm import MMTMFusion
 
 
 class MultimodalModel(nn.Module):
@@ -23,6 +25,11 @@ class MultimodalModel(nn.Module):
             ``weight_init`` applied to the whole model (linear layers Xavier-normal with zero bias, 2-D convolutions
             Kaiming-normal with fan-out and ReLU gain, 2-D batch norms weight 1 and bias 0). ``xavier``
             re-initialises every such layer, pretrained encoder weights included.
+        mmtm: ``None`` (default: each encoder runs alone) or a callable (a ``_partial_``
+            :class:`~balance.models.mmtm.MMTMFusion` config, ``conf/model/mmtm/default.yaml``) taking the encoders:
+            MMTM blocks between the encoders' stages (Greedy's mid-fusion), kept as ``mid_fusion``. Only encoders
+            with stages support it (``ResNet18Encoder``, ``SmallCNNEncoder``). Its parameters belong to no single
+            modality (``shared_parameters``); ``mid_fusion.modality_parameters(m)`` are modality m's excitations.
     """
 
     def __init__(
@@ -32,6 +39,7 @@ class MultimodalModel(nn.Module):
         num_classes: int,
         feature_dim: int | None = None,
         init: str = "default",
+        mmtm: Callable[..., MMTMFusion] | None = None,
     ) -> None:
         super().__init__()
         if len(encoders) < 1:
@@ -48,21 +56,23 @@ class MultimodalModel(nn.Module):
         )
         dims = {m: feature_dim if feature_dim is not None else enc.out_dim for m, enc in encoders.items()}
         self.fusion = fusion(feature_dims=dims, num_classes=num_classes)
+        self.mid_fusion = mmtm(encoders=self.encoders) if mmtm is not None else None
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if init == "xavier":
             self.apply(official_weight_init)
 
     def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Runs each modality's encoder (and projection) once: modality -> ``[B, d_m]`` features."""
+        """Runs each modality's encoder (and projection) once: modality -> ``[B, d_m]`` features. With MMTM
+        mid-fusion the encoders run stage by stage, side by side, with the blocks between their stages."""
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
             raise KeyError(f"batch has no input for modalities {missing}; it has {list(inputs)}")
-        features = {}
-        for m in self.modalities:
-            f = self.encoders[m](inputs[m])
-            features[m] = self.projections[m](f) if m in self.projections else f
-        return features
+        if self.mid_fusion is not None:
+            encoded = self.mid_fusion(self.encoders, inputs)
+        else:
+            encoded = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        return {m: self.projections[m](f) if m in self.projections else f for m, f in encoded.items()}
 
     def fuse(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         """Fused logits; ``keep`` (``BoolTensor[B, M]``, modality order) drops modalities by zeroing their features."""
@@ -86,7 +96,7 @@ class MultimodalModel(nn.Module):
         return parameters + self.fusion.modality_parameters(modality)
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """The parameters of no single modality (e.g. a concat or shared head)."""
+        """The parameters of no single modality (e.g. a concat or shared head, the MMTM blocks)."""
         owned = {id(p) for m in self.modalities for p in self.modality_parameters(m)}
         return [p for p in self.parameters() if id(p) not in owned]
 
