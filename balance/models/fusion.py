@@ -41,6 +41,12 @@ class FusionHead(nn.Module):
         rest of the head is shared. None here."""
         return []
 
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        """The weight of the head's output layer that ``modality``'s features reach, and the columns of it that act
+        on them: ``weight[:, columns]`` is a ``[num_classes, k]`` matrix (e.g. the modality's block of a concat
+        head). ``None`` for a head without a linear output layer (here)."""
+        return None
+
 
 class ConcatFusion(FusionHead):
     """One linear layer on the concatenated features (the standard joint-training baseline).
@@ -61,6 +67,10 @@ class ConcatFusion(FusionHead):
         share = self.linear.bias / len(self.modalities)
         return {m: features[m] @ block.T + share for m, block in zip(self.modalities, blocks)}
 
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        start = sum(self.feature_dims[m] for m in self.modalities[:self.modalities.index(modality)])
+        return self.linear.weight, slice(start, start + self.feature_dims[modality])
+
 
 class _PerModalityHeads(FusionHead):
     def __init__(self, feature_dims: Mapping[str, int], num_classes: int) -> None:
@@ -72,6 +82,9 @@ class _PerModalityHeads(FusionHead):
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         return list(self.heads[modality].parameters())
+
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        return self.heads[modality].weight, slice(None)
 
 
 class SumFusion(_PerModalityHeads):
@@ -118,6 +131,10 @@ class FiLMFusion(FusionHead):
         # The conditioning modality's own layer; the projection of the others mixes them, so it is shared.
         return list(self.film.parameters()) if modality == self.condition else []
 
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        # Every modality reaches the one output layer (the condition through the scale and shift).
+        return self.out.weight, slice(None)
+
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         gamma, beta = self.film(features[self.condition]).chunk(2, dim=1)
         x = self.project(torch.cat([features[m] for m in self.others], dim=1))
@@ -150,6 +167,9 @@ class GatedFusion(FusionHead):
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
         return list(self.project[modality].parameters())
 
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        return self.out.weight, slice(None)
+
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         gate = torch.sigmoid(self.project[self.gate](features[self.gate]))
         others = sum(self.project[m](features[m]) for m in self.modalities if m != self.gate)
@@ -177,3 +197,6 @@ class SharedHead(FusionHead):
 
     def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.linear(features[m]) for m in self.modalities}
+
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        return self.linear.weight, slice(None)
