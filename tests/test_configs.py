@@ -34,8 +34,8 @@ def _all_yaml() -> list[str]:
 
 def test_every_yaml_is_covered():
     covered = {"train.yaml"}
-    for group in ("data", "model", "model/fusion", "method", "optimizer", "scheduler", "trainer", "logger", "callbacks",
-                  "diagnostics"):
+    for group in ("data", "model", "model/fusion", "model/mmtm", "method", "optimizer", "scheduler", "trainer",
+                  "logger", "callbacks", "diagnostics"):
         covered |= {f"{group}/{name}.yaml" for name in _configs(group)}
     covered |= {f"experiment/{name}.yaml" for name in _configs("experiment", nested=True)}
     covered |= {f"recipe/{name}.yaml" for name in _configs("recipe")}  # see test_every_recipe_is_used
