@@ -119,3 +119,13 @@ def test_paper_protocol_selects_the_best_test_epoch(tmp_path):
 def test_unknown_protocol_is_refused(tmp_path):
     with pytest.raises(ValueError, match="protocol='best'"):
         train(compose_train([*SYNTHETIC, "protocol=best"], run_dir=tmp_path))
+
+
+def test_plateau_schedule_steps_on_the_validation_loss(tmp_path):
+    # A threshold no epoch can meet: every epoch is a plateau, so the rate drops by the factor after each one.
+    train(compose_train([*SYNTHETIC, "trainer.max_epochs=3", "scheduler=plateau", "method.scheduler.patience=0",
+                         "method.scheduler.threshold=10.0", "method.optimizer.lr=1.0e-3"], run_dir=tmp_path))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["lr_schedulers"][0]["num_bad_epochs"] == 0
+    # last.ckpt is written at the epoch's end, before that epoch's scheduler step: two drops after three epochs.
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1.0e-5)

@@ -44,6 +44,8 @@ from balance.methods.step import Step
 from balance.models import MultimodalModel
 
 STAGES = ("train", "val", "test")
+#: the value a ReduceLROnPlateau schedule (``scheduler=plateau``) steps on
+PLATEAU_MONITOR = "val/loss"
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,8 @@ class MultimodalMethod(pl.LightningModule):
     Args:
         model: the multimodal model.
         optimizer: a ``_partial_`` optimizer taking the parameters.
-        scheduler: an optional ``_partial_`` LR scheduler taking the optimizer, stepped once per epoch.
+        scheduler: an optional ``_partial_`` LR scheduler taking the optimizer, stepped once per epoch (a
+            ``ReduceLROnPlateau`` on the epoch's validation loss).
     """
 
     #: trainer attributes the method needs, set when the run starts (e.g. ``{"reload_dataloaders_every_n_epochs": 1}``)
@@ -310,8 +313,12 @@ class MultimodalMethod(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
-                                                         "interval": "epoch"}}
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        schedule = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # A plateau schedule steps on a monitored value: the validation loss, logged every epoch.
+            schedule["monitor"] = PLATEAU_MONITOR
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # The global RNG drives shuffling and augmentation; keeping it in the checkpoint lets a resumed run draw
     # exactly what the uninterrupted run would have drawn. Stored as tensors and ints so that checkpoints still
