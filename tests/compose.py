@@ -59,29 +59,47 @@ def train_briefly(overrides: list[str], run_dir: Path) -> dict:
     return results
 
 
-def fit_and_measure_encoders(overrides: list[str], epochs: int, run_dir: Path | str | None = None,
-                             kernels_only: bool = False):
-    """Fits the config's method for ``epochs`` (seed 0, no validation, no logger) and measures how far each
-    encoder moved: the direction tests compare a method with joint training on the same seed, data and batches.
+def fit_briefly(overrides: list[str], epochs: int, run_dir: Path | str | None = None, before_fit=None):
+    """Builds the config's method and fits it for ``epochs`` (seed 0, no validation, no logger, no checkpoints):
+    the direction tests compare a method with a baseline on the same seed, data and batches.
 
     Args:
         overrides: the config's overrides.
         epochs: training epochs.
         run_dir: the run directory (a temporary one if ``None``).
-        kernels_only: measure only the encoders' 4-D parameters (convolution kernels).
+        before_fit: called with the built method before it trains (e.g. to record its initial parameters).
 
     Returns:
-        ``(moved, trainer, datamodule, method)``: ``moved`` maps each modality to the summed L2 distance of its
-        encoder's parameters from their initial values.
+        ``(trainer, datamodule, method)``.
     """
     import pytorch_lightning as pl
 
     pl.seed_everything(0)
     datamodule, method = build(compose_train(overrides, run_dir=run_dir))
-    start = {n: p.detach().clone() for n, p in method.named_parameters()}
+    if before_fit is not None:
+        before_fit(method)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(method, datamodule=datamodule)
+    return trainer, datamodule, method
+
+
+def fit_and_measure_encoders(overrides: list[str], epochs: int, run_dir: Path | str | None = None,
+                             kernels_only: bool = False):
+    """:func:`fit_briefly`, measuring how far each encoder moved.
+
+    Args:
+        kernels_only: measure only the encoders' 4-D parameters (convolution kernels); the other arguments are
+            :func:`fit_briefly`'s.
+
+    Returns:
+        ``(moved, trainer, datamodule, method)``: ``moved`` maps each modality to the summed L2 distance of its
+        encoder's parameters from their initial values.
+    """
+    start: dict[str, torch.Tensor] = {}
+    trainer, datamodule, method = fit_briefly(
+        overrides, epochs, run_dir, before_fit=lambda m: start.update({n: p.detach().clone()
+                                                                       for n, p in m.named_parameters()}))
     moved = {m: sum(float((p.detach() - start[n]).norm()) for n, p in method.named_parameters()
                     if n.startswith(f"model.encoders.{m}.") and (p.dim() == 4 or not kernels_only))
              for m in method.modalities}

@@ -177,11 +177,12 @@ def test_every_fusion_head_works(fusion):
 
 
 @pytest.mark.parametrize(("override", "match"), [
-    ("method.alpha=0", "alpha must be > 0"),
-    ("method.clamp=0", "clamp must be > 0"),
-    ("method.clip_threshold=-1", "clip_threshold must be > 0"),
-    ("method.absent=noise", "absent must be one of"),
+    ("method.alpha=0", "method.alpha must be a number > 0"),
+    ("method.clamp=0", "method.clamp must be a number > 0 or null"),
+    ("method.clip_threshold=-1", "method.clip_threshold must be a number > 0 or null"),
+    ("method.absent=noise", "method.absent must be one of"),
     ("method.modulation_ends=-1", "ends at an epoch >= its start"),
+    ("method.alpha=abc", "method.alpha must be a number"),
     ("data.modalities=[m0]", "needs at least two"),
 ])
 def test_bad_options_are_refused(override, match):

@@ -13,7 +13,7 @@ from balance.methods.greedy import bypass_dominance, caring_modality, learning_s
 from balance.models import LateFusion, MLPEncoder, MultimodalModel, ResNet18Encoder, SmallCNNEncoder
 from balance.models.mmtm import MMTM, MMTMFusion
 from balance.run import build
-from compose import compose_train
+from compose import compose_train, fit_briefly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -299,13 +299,9 @@ def test_weak_branch_learns_more_from_its_own_input_than_under_plain_mmtm():
     # bypass); Greedy isolates m1 (its BDR is the higher) and its branch learns more from its own input.
     accuracy, logged = {}, {}
     for name, start in (("plain", 99), ("greedy", 1)):
-        cfg = compose_train([*IMAGES, "method=greedy", "data.num_samples=2000", "method.optimizer.lr=3.0e-3",
-                             f"method.starting_epoch={start}"])
-        pl.seed_everything(0)
-        datamodule, module = build(cfg)
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=5, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=datamodule)
+        trainer, datamodule, module = fit_briefly([*IMAGES, "method=greedy", "data.num_samples=2000",
+                                                   "method.optimizer.lr=3.0e-3", f"method.starting_epoch={start}"],
+                                                  epochs=5)
         accuracy[name] = _isolated_accuracy(module, datamodule, "m1")
         logged[name] = {k: float(v) for k, v in trainer.logged_metrics.items()}
     assert logged["plain"]["train/curation"] == 0

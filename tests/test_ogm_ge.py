@@ -7,7 +7,6 @@ import pytorch_lightning as pl
 import torch
 
 from balance.methods.ogm_ge import confidence_scores, modulation_coefficients
-from balance.methods.step import Step
 from balance.run import build, train
 from compose import compose_train, fit_and_measure_encoders
 

@@ -14,7 +14,7 @@ from balance.methods.pmr import PMR, pce_coefficients, prototype_logits, update_
 from balance.models import MLPEncoder, MultimodalModel
 from balance.models.fusion import ConcatFusion
 from balance.run import build, train
-from compose import compose_train
+from compose import compose_train, fit_briefly
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.contributions=null"]
 VECTORS = ["data=synthetic", "model=mlp", "data.num_samples=400", "data.batch_size=32", *QUIET]
@@ -155,13 +155,9 @@ def test_weak_modality_clusters_better_than_under_joint_training(tmp_path):
     # The same seed, data, batches and optimizer: m0 dominates; PMR pulls m1's features to its prototypes.
     fit = {}
     for method in ("joint", "pmr"):
-        cfg = compose_train([*VECTORS, "data.informativeness=[2.0,0.6]", f"method={method}", "optimizer=sgd",
-                             "method.optimizer.lr=5.0e-2"], run_dir=tmp_path / method)
-        pl.seed_everything(0)
-        datamodule, module = build(cfg)
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=4, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, datamodule=datamodule)
+        trainer, datamodule, module = fit_briefly([*VECTORS, "data.informativeness=[2.0,0.6]", f"method={method}",
+                                                   "optimizer=sgd", "method.optimizer.lr=5.0e-2"], epochs=4,
+                                                  run_dir=tmp_path / method)
         fit[method] = _train_set_prototype_fit(datamodule, module, "m1")
         if method == "pmr":
             assert int(module.prototype_passes) == 5  # before training and after each of the 4 epochs

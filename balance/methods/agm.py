@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from balance.dropping import zero_input
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.step import Step
@@ -124,13 +125,10 @@ class AGM(MultimodalMethod):
         super().__init__(**kwargs)
         if len(self.modalities) < 2:
             raise ValueError(f"AGM compares modalities: it needs at least two, the model has {self.modalities}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        options.positive("alpha", alpha)
         for name, value in (("clamp", clamp), ("clip_threshold", clip_threshold)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 or null, got {value!r}")
-        if absent not in ABSENT:
-            raise ValueError(f"absent must be one of {ABSENT}, got {absent!r}")
+            options.positive(name, value, optional=True)
+        options.one_of("absent", absent, ABSENT)
         self.alpha = float(alpha)
         self.window = EpochWindow(modulation_starts, modulation_ends)
         self.clamp = None if clamp is None else float(clamp)

@@ -112,15 +112,37 @@ class MultimodalMethod(pl.LightningModule):
     def forward_step(self, batch: Mapping[str, Any], batch_idx: int) -> Step:
         """The shared forward pass: every encoder once, the fused logits (missing modalities dropped by
         ``present``), each modality's own logits, and the method's loss terms."""
-        features = self.model.encode(batch["inputs"])
+        features = self.encode_batch(batch)
         step = Step(batch, batch_idx, features, self.model.fuse(features, keep=batch.get("present")),
-                    self.model.unimodal_logits(features))
+                    self.unimodal_logits(features))
         step.losses = dict(self.loss_terms(step))
         return step
+
+    def encode_batch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The training step's encoder features: every encoder once. A method that changes how the encoders run
+        in training (e.g. Greedy's curated cross-modal flow) overrides it; evaluation always runs them plainly."""
+        return self.model.encode(batch["inputs"])
+
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's own logits, in training and evaluation (its ``acc_<m>``): the fusion head's convention
+        here; a method with unimodal heads of its own (e.g. MMPareto) returns theirs."""
+        return self.model.unimodal_logits(features)
 
     def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
         """The step's named loss terms (summed into its loss); cross-entropy on the fused logits here."""
         return {"fused": F.cross_entropy(step.logits, step.labels)}
+
+    @staticmethod
+    def unimodal_losses(step: Step) -> dict[str, torch.Tensor]:
+        """Each modality's cross-entropy on its own logits, over the samples where it is present (a missing
+        modality's zeroed input has nothing to teach its own branch); 0 for a modality absent from the batch."""
+        present = step.batch.get("present")
+        losses = {}
+        for i, (m, logits) in enumerate(step.unimodal_logits.items()):
+            loss = F.cross_entropy(logits, step.labels, reduction="none")
+            mask = torch.ones_like(loss) if present is None else present[:, i].to(loss)
+            losses[m] = (loss * mask).sum() / mask.sum().clamp_min(1)
+        return losses
 
     def observe_step(self, step: Step) -> None:
         """Called every training step with the step's object (after its loss terms, before backward); does
@@ -294,7 +316,7 @@ class MultimodalMethod(pl.LightningModule):
         features = self.model.encode(batch["inputs"])
         logits = self.fused_logits(features, keep=batch.get("present"))
         loss = nn.functional.cross_entropy(logits, batch["label"])
-        self.log_metrics(stage, logits, self.model.unimodal_logits(features), batch["label"], loss)
+        self.log_metrics(stage, logits, self.unimodal_logits(features), batch["label"], loss)
         return {"loss": loss, "features": features}
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:

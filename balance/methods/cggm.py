@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from balance.methods import options
 from balance.methods.base import STAGES, MultimodalMethod
 from balance.methods.step import Step
 
@@ -98,16 +99,12 @@ class CGGM(MultimodalMethod):
         if len(self.modalities) < 2:
             raise ValueError(f"CGGM balances modalities: it needs at least two, the model has {self.modalities}")
         for name, value in (("rho", rho), ("classifier_lr", classifier_lr), ("eps", eps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            options.positive(name, value)
         for name, value in (("lamda", lamda), ("classifier_weight_decay", classifier_weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            options.non_negative(name, value)
         for name, value in (("clip", clip), ("max_coefficient", max_coefficient)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 or null, got {value!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+            options.positive(name, value, optional=True)
+        options.one_of("direction", direction, DIRECTIONS)
         if not isinstance(classifier_layers, int) or classifier_layers < 0:
             raise ValueError(f"classifier_layers must be an integer >= 0, got {classifier_layers!r}")
         self.rho = float(rho)

@@ -132,26 +132,15 @@ class Greedy(MultimodalMethod):
         """The modality the current training forward passes isolate (``None`` outside a curation window)."""
         return self.modalities[int(self.caring)] if int(self.curation_left) > 0 else None
 
-    def forward_step(self, batch: Mapping[str, Any], batch_idx: int) -> Step:
-        # The base's step, with the cared-for modality isolated during a curation window (training only).
+    def encode_batch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        # The cared-for modality is isolated during a curation window (training only).
         with self.model.mid_fusion.isolating(self.isolated_modality()):
-            features = self.model.encode(batch["inputs"])
-        step = Step(batch, batch_idx, features, self.model.fuse(features, keep=batch.get("present")),
-                    self.model.unimodal_logits(features))
-        step.losses = dict(self.loss_terms(step))
-        return step
+            return self.model.encode(batch["inputs"])
 
     def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
         if self.loss == "fused":
             return {"fused": F.cross_entropy(step.logits, step.labels)}
-        present = step.batch.get("present")
-        branches = []
-        for i, m in enumerate(self.modalities):
-            loss = F.cross_entropy(step.unimodal_logits[m], step.labels, reduction="none")
-            # A missing modality's zeroed input has nothing to teach its own branch.
-            mask = torch.ones_like(loss) if present is None else present[:, i].to(loss)
-            branches.append((loss * mask).sum() / mask.sum().clamp_min(1))
-        return {"branches": torch.stack(branches).sum()}
+        return {"branches": torch.stack(list(self.unimodal_losses(step).values())).sum()}
 
     def step_speeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``([M], [M])``: this step's learning speeds of every branch and of every bypass (float64)."""

@@ -129,7 +129,7 @@ class InfoReg(MultimodalMethod):
 
     def loss_terms(self, step: Step) -> dict[str, torch.Tensor]:
         losses = {"fused": F.cross_entropy(step.logits, step.labels)}
-        return losses | {f"unimodal_{m}": F.cross_entropy(z, step.labels) for m, z in step.unimodal_logits.items()}
+        return losses | {f"unimodal_{m}": loss for m, loss in self.unimodal_losses(step).items()}
 
     def _epoch_traces(self) -> torch.Tensor:
         """``[M]`` the Fisher traces accumulated so far in the epoch."""

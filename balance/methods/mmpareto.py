@@ -139,27 +139,13 @@ class MMPareto(MultimodalMethod):
                              "method.unimodal_loss_weight=1")
         return parameters
 
-    def unimodal_head_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each modality's logits through its own unimodal head."""
         return {m: self.unimodal_heads[m](features[m]) for m in self.modalities}
 
-    def forward_step(self, batch: Mapping[str, Any], batch_idx: int) -> Step:
-        # The base's step, with the unimodal logits of the method's heads instead of the fusion head's convention.
-        features = self.model.encode(batch["inputs"])
-        step = Step(batch, batch_idx, features, self.model.fuse(features, keep=batch.get("present")),
-                    self.unimodal_head_logits(features))
-        step.losses = dict(self.loss_terms(step))
-        return step
-
     def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
-        present = step.batch.get("present")
-        unimodal = []
-        for i, m in enumerate(self.modalities):
-            loss = F.cross_entropy(step.unimodal_logits[m], step.labels, reduction="none")
-            # A missing modality's zeroed input has nothing to teach its own head.
-            mask = torch.ones_like(loss) if present is None else present[:, i].to(loss)
-            unimodal.append((loss * mask).sum() / mask.sum().clamp_min(1))
-        return {"fused": F.cross_entropy(step.logits, step.labels), "unimodal": torch.stack(unimodal).sum()}
+        unimodal = torch.stack(list(self.unimodal_losses(step).values())).sum()
+        return {"fused": F.cross_entropy(step.logits, step.labels), "unimodal": unimodal}
 
     def observe_step(self, step: Step) -> None:
         """Takes ``g_mm`` of every encoder (the first backward pass; the graph is kept for the ordinary one)."""
@@ -193,11 +179,3 @@ class MMPareto(MultimodalMethod):
             self.record(f"cos_{m}", cosine)
             self.record(f"conflict_{m}", (cosine <= 0).float())
             self.record(f"weight_{m}", weight)
-
-    def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
-        # The base's, with each modality's accuracy read off its own head (as the official evaluation).
-        features = self.model.encode(batch["inputs"])
-        logits = self.fused_logits(features, keep=batch.get("present"))
-        loss = F.cross_entropy(logits, batch["label"])
-        self.log_metrics(stage, logits, self.unimodal_head_logits(features), batch["label"], loss)
-        return {"loss": loss, "features": features}

@@ -119,8 +119,8 @@ class OPM(MultimodalMethod):
     def forward_step(self, batch: Mapping[str, Any], batch_idx: int) -> Step:
         if self.current_epoch not in self.window:
             return super().forward_step(batch, batch_idx)
-        features = self.model.encode(batch["inputs"])
-        unimodal = self.model.unimodal_logits(features)
+        features = self.encode_batch(batch)
+        unimodal = self.unimodal_logits(features)
         scores = self.reduce_across_ranks(confidence_scores(unimodal, batch["label"]))
         q = drop_probabilities(scores, self.q_base, self.lam)
         keep, fused_features = batch.get("present"), features

@@ -1,0 +1,31 @@
+"""Checks of method options when the run is built, each naming the option and what it accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def positive(name: str, value: Any, optional: bool = False) -> None:
+    """Refuses ``value`` unless it is a number > 0 (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    if not _is_number(value) or not value > 0:
+        raise ValueError(f"method.{name} must be a number > 0{' or null' if optional else ''}, got {value!r}")
+
+
+def non_negative(name: str, value: Any) -> None:
+    """Refuses ``value`` unless it is a number >= 0."""
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"method.{name} must be a number >= 0, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuses ``value`` unless it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"method.{name} must be one of {choices}, got {value!r}")
