@@ -51,12 +51,18 @@ def method_overrides() -> dict[str, list[str]]:
 
 
 class PassCounter:
-    """Counts encoder forward passes (forward hooks on every encoder)."""
+    """Counts encoder forward passes (forward hooks on every encoder, and on MMTM mid-fusion, which runs them all)."""
 
     def __init__(self, model) -> None:
         self.forwards = 0
+        if model.mid_fusion is not None:  # MMTM runs every encoder stage by stage, once per call
+            model.mid_fusion.register_forward_hook(self._count_all)
         for encoder in model.encoders.values():
             encoder.register_forward_hook(self._count)
+        self._encoders = len(model.encoders)
+
+    def _count_all(self, *args) -> None:
+        self.forwards += self._encoders
 
     def _count(self, *args) -> None:
         self.forwards += 1
