@@ -9,6 +9,9 @@ A table is a YAML file (``conf/reproduce/<name>.yaml``, or any path) naming its 
         reference: 72.30            # test accuracy, %
         source: BalanceBenchmark reproduction
 
+A row (or the whole table) may name a ``baseline`` row: the table then adds each row's difference from it paired
+by seed, with a 95 % t interval (:mod:`balance.paired`), and ``figures/paired.png``.
+
 A row with ``evaluate_from: <row above>`` trains nothing: its runs evaluate that row's selected checkpoints, seed
 by seed, with the row's overrides (``task=evaluate``), e.g. MLA's trained models with another test-time fusion.
 
@@ -43,6 +46,7 @@ import yaml
 from hydra.utils import get_class
 
 from balance.overrides import expand_home
+from balance.paired import paired_markdown, paired_rows, save_paired_figure
 from balance.reproduce_figures import Keys, epoch_metrics, mean_std, write_figures
 
 if TYPE_CHECKING:
@@ -104,6 +108,7 @@ class Row:
     reference: float | None = None
     source: str | None = None
     evaluate_from: str | None = None  # trains nothing: evaluates this row's checkpoints with the overrides
+    baseline: str | None = None  # the row it is compared with, seed by seed (balance.paired)
 
 
 @dataclass
@@ -143,12 +148,16 @@ def load_table(table: str) -> tuple[str, list[Row]]:
         source_row = entry.get("evaluate_from")
         if source_row is not None and source_row not in {r.name for r in rows if r.evaluate_from is None}:
             raise ValueError(f"{path}: row {name!r} evaluates {source_row!r}, which is no trained row above it")
-        rows.append(Row(name, overrides, entry.get("reference"), entry.get("source"), source_row))
+        rows.append(Row(name, overrides, entry.get("reference"), entry.get("source"), source_row,
+                        entry.get("baseline", spec.get("baseline"))))
     if not rows:
         raise ValueError(f"{path}: no rows")
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: row names repeat: {names}")
+    unknown = sorted({r.baseline for r in rows if r.baseline is not None} - set(names))
+    if unknown:
+        raise ValueError(f"{path}: baseline {unknown} names no row of the table ({names})")
     return spec.get("title", path.stem), rows
 
 
@@ -226,6 +235,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     (``stats``): mean and sample standard deviation of fused accuracy and macro-F1 and of each modality's accuracy
     (in %) and mean Shapley contribution (``phi_<m>``), and of the diagnostics' scalars (``name/key``, as logged)."""
     rows: dict[str, dict[str, Any]] = {}
+    by_seed: dict[str, dict[int, dict[str, float]]] = {}
     selections = set()
     for run in runs:
         entry = rows.setdefault(run.row.name, {"reference": run.row.reference, "source": run.row.source,
@@ -237,11 +247,13 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         for key, value in test_scalars(run.directory).items():
             if key in METRICS or "/" in key or re.fullmatch(r"(acc|phi)_\w+", key):
                 entry["values"].setdefault(key, []).append(value)
+                by_seed.setdefault(run.row.name, {}).setdefault(run.seed, {})[key] = value
     for entry in rows.values():
         entry["stats"] = {key: mean_std([100 * v for v in values] if key in METRICS or key.startswith("acc_")
                                          else values)
                           for key, values in entry["values"].items()}
-    return {"selection": sorted(selections), "rows": rows}
+    baselines = {run.row.name: run.row.baseline for run in runs}
+    return {"selection": sorted(selections), "rows": rows, "paired": paired_rows(by_seed, baselines)}
 
 
 def diagnostic_classes(runs: list[Run]) -> dict[str, type[Diagnostic]]:
@@ -302,6 +314,7 @@ def markdown(title: str, summary: dict[str, Any], protocol: str,
     sources = sorted({r["source"] for r in rows.values() if r["source"]})
     if sources:
         lines += ["", "References: " + "; ".join(sources) + "."]
+    lines += paired_markdown(summary.get("paired") or {})
     return "\n".join(lines + diagnostics_markdown(rows, diagnostics or {})) + "\n"
 
 
@@ -333,6 +346,9 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
               for name in summary["rows"]}
     figures = write_figures({name: row["values"] for name, row in summary["rows"].items()}, curves,
                             out / "figures", diagnostics)
+    comparison = save_paired_figure(summary["paired"], out / "figures" / "paired.png")
+    if comparison is not None:
+        figures.append(comparison)
     text = markdown(title, summary, protocol, diagnostics)
     if figures:
         text += "\nFigures: " + ", ".join(f"[{p.stem}](figures/{p.name})" for p in figures) + ".\n"
@@ -340,8 +356,8 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
     serialisable = {name: {**row, "stats": {k: list(v) for k, v in row["stats"].items()}}
                     for name, row in summary["rows"].items()}
     (out / "table.json").write_text(json.dumps({"title": title, "protocol": protocol,
-                                                "selection": summary["selection"], "rows": serialisable},
-                                               indent=2, allow_nan=True))
+                                                "selection": summary["selection"], "rows": serialisable,
+                                                "paired": summary["paired"]}, indent=2, allow_nan=True))
     return text
 
 

@@ -19,7 +19,7 @@ TINY = ["data=synthetic", "model=mlp", "data.num_samples=400", "trainer.max_epoc
 @pytest.fixture
 def table(tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"title": "Tiny", "rows": [
+    path.write_text(yaml.safe_dump({"title": "Tiny", "baseline": "joint", "rows": [
         {"name": "joint", "overrides": ["method=joint"], "reference": 50.0, "source": "made up"},
         {"name": "mla", "overrides": ["method=mla"]},
     ]}))
@@ -44,6 +44,16 @@ def test_table_over_two_seeds_then_resume_runs_nothing(table, tmp_path, capsys):
     line = next(l for l in text.splitlines() if l.startswith("| joint "))
     assert f"{mean:.2f} ± {std:.2f}" in line and "50.00" in line and f"{mean - 50:+.2f}" in line
     assert "protocol=val" in text and "best val/acc" in text
+    # MLA against joint, paired by seed: the mean difference and its t interval (t(0.975, 1) = 12.706).
+    diffs = [100 * (results[("mla", s)]["test"]["acc"] - results[("joint", s)]["test"]["acc"]) for s in (0, 1)]
+    paired = summary["paired"]["mla"]
+    half = 12.7062 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5
+    assert paired["baseline"] == "joint" and "joint" not in summary["paired"]
+    assert paired["metrics"]["acc"]["n"] == 2
+    assert [paired["metrics"]["acc"][k] for k in ("mean", "low", "high")] == pytest.approx(
+        [sum(diffs) / 2, sum(diffs) / 2 - half, sum(diffs) / 2 + half], rel=1e-4)
+    assert {"acc_m0", "acc_m1"} <= set(paired["metrics"])
+    assert "Paired by seed with the row's baseline" in text and (out / "figures" / "paired.png").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     capsys.readouterr()
@@ -77,6 +87,9 @@ def test_bad_tables_are_refused(tmp_path):
         load_table(str(bad))
     with pytest.raises(SystemExit):
         main([str(bad), "--dry-run"])
+    bad.write_text(yaml.safe_dump({"baseline": "jiont", "rows": [{"name": "joint", "overrides": ["method=joint"]}]}))
+    with pytest.raises(ValueError, match=r"baseline \['jiont'\] names no row"):
+        load_table(str(bad))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in TABLES.glob("*.yaml")))
