@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                          "task=evaluate ckpt_path=<run>/checkpoints/<file>.ckpt")
     if cfg.get("ckpt_path"):
         cfg = _resume_config(cfg, Path(cfg.ckpt_path).expanduser())
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(_seed(cfg), workers=True)
     datamodule, method = build(cfg)
     trainer = build_trainer(cfg)
     try:
@@ -134,6 +134,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.warning("no best checkpoint (no ModelCheckpoint with a monitor): testing the last weights")
     selection = PROTOCOLS[cfg.get("protocol", "val")] if best else "last epoch"
     return _evaluate_and_report(cfg, trainer, method, datamodule, best, {"selection": selection})
+
+
+def _seed(cfg: DictConfig) -> int:
+    """The run's seed, refused unless it is a whole number (Lightning would fail deep inside without the key)."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be a whole number (e.g. seed=3), got {seed!r}")
+    return seed
 
 
 def _resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
@@ -163,7 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("task=evaluate needs ckpt_path=<run>/checkpoints/<file>.ckpt")
     checkpoint = Path(cfg.ckpt_path).expanduser()
     cfg = _with_training_config(cfg, checkpoint, read_checkpoint(checkpoint))
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(_seed(cfg), workers=True)
     datamodule, method = build(cfg)
     trainer = build_trainer(cfg)
     try:

@@ -157,3 +157,8 @@ def test_a_checkpoint_moved_out_of_its_run_is_rebuilt_from_the_config_inside_it(
     with pytest.raises(ValueError, match="do not fit the model built from this config"):
         run(compose_train([*IMAGES, "data.num_samples=200", "task=evaluate", f"ckpt_path={moved}",
                            "evaluate.use_run_config=false"], run_dir=tmp_path / "eval2"))
+
+
+def test_a_seed_that_is_no_number_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        train(compose_train([*IMAGES, "seed=abc"]))
