@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -38,10 +39,25 @@ def test_ddp_evaluation_matches_single_process(tmp_path):
         assert abs(single[f"test/{name}"] - results["test"][name]) < 1e-6, name
 
 
-def test_gradient_modulation_is_the_same_on_every_rank(tmp_path):
-    # OGM-GE's coefficients come from each rank's batch and its noise from the method's generator: unless the
-    # scores are summed over the ranks and the noise is drawn alike, the ranks' weights drift apart.
-    overrides = [*SYNTHETIC, "method=ogm_ge", "method.params=weights", "data.num_samples=600", "trainer.max_epochs=1",
+IMAGES = ["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", "trainer.enable_progress_bar=false",
+          "trainer.enable_model_summary=false"]
+# Per method: its overrides and a logged quantity whose presence (or value) shows that its mechanism acted.
+MODULATIONS = {
+    "ogm_ge": ([*SYNTHETIC, "method.params=weights"], "coeff", lambda values: min(values) < 1.0),
+    "inforeg": ([*SYNTHETIC], "beta", lambda values: max(values) > 0.0),
+    "cggm": ([*SYNTHETIC], "coeff", lambda values: len(values) > 0),
+    "mmpareto": ([*SYNTHETIC], "cos", lambda values: len(values) > 0),
+    "greedy": ([*IMAGES, "method.starting_epoch=0"], "bdr", lambda values: len(values) > 0),
+}
+
+
+@pytest.mark.parametrize("method", sorted(MODULATIONS))
+def test_gradient_modulation_is_the_same_on_every_rank(method, tmp_path):
+    # What decides a modification comes from each rank's batch (scores, accuracies, speeds) and noise from the
+    # method's generator: unless the deciding values are reduced over the ranks (or computed from the averaged
+    # gradients) and the noise is drawn alike, the ranks' weights and method state drift apart.
+    base, quantity, acted = MODULATIONS[method]
+    overrides = [*base, f"method={method}", "data.num_samples=600", "trainer.max_epochs=1",
                  f"+callbacks.rank_dump={{_target_:ddp_probe.RankStateDump,directory:{tmp_path / 'ranks'}}}"]
     out = subprocess.run(
         [sys.executable, "train.py", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -52,7 +68,7 @@ def test_gradient_modulation_is_the_same_on_every_rank(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
-    coefficients = [float(r[f"train/coeff_{m}"]) for r in rows for m in ("m0", "m1") if r.get(f"train/coeff_{m}")]
-    assert coefficients and min(coefficients) < 1.0  # the modulation acted
+    values = [float(r[f"train/{quantity}_{m}"]) for r in rows for m in ("m0", "m1") if r.get(f"train/{quantity}_{m}")]
+    assert acted(values), values  # the mechanism acted
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differing, differing
