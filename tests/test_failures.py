@@ -162,3 +162,14 @@ def test_a_checkpoint_moved_out_of_its_run_is_rebuilt_from_the_config_inside_it(
 def test_a_seed_that_is_no_number_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="seed must be a whole number"):
         train(compose_train([*IMAGES, "seed=abc"]))
+
+
+@pytest.mark.parametrize("method, override, match", [
+    ("sample_level", "method.benefit=foo", r"method.benefit must be one of \('official', 'correct', 'true_prob'\)"),
+    ("modality_level", "method.drop=everything", r"method.drop must be one of \('features', 'inputs'\)"),
+    ("sample_level", "method.warmup_epochs=-1", "warmup_epochs must be an integer >= 0"),
+    ("sample_level", "method.warmup_epochs=abc", "warmup_epochs must be an integer >= 0"),
+])
+def test_bad_method_options_are_refused_when_the_run_is_built(method, override, match):
+    with pytest.raises(Exception, match=match):  # Hydra's InstantiationException around the method's ValueError
+        build(compose_train([*IMAGES, f"method={method}", override]))

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from balance.gather import gather_table, last_per_index
+from balance.methods import options
 from balance.methods.epochs import EpochWindow
 from balance.methods.joint import JointTraining
 from balance.methods.step import Step
@@ -29,6 +30,8 @@ from balance.resampling import (
     sample_level_copies,
 )
 from balance.valuation import ValuationTable, shapley_values, subset_values, value_dataloader
+from balance.valuation.coalitions import DROPS
+from balance.valuation.shapley import BENEFITS
 
 VALUATIONS = ("pass", "online")
 
@@ -63,10 +66,10 @@ class ShapleyResampling(JointTraining):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if valuation not in VALUATIONS:
-            raise ValueError(f"valuation must be one of {VALUATIONS}, got {valuation!r}")
-        if valuation_transforms not in ("eval", "train"):
-            raise ValueError(f"valuation_transforms must be 'eval' or 'train', got {valuation_transforms!r}")
+        options.one_of("valuation", valuation, VALUATIONS)
+        options.one_of("valuation_transforms", valuation_transforms, ("eval", "train"))
+        options.one_of("benefit", benefit, BENEFITS)
+        options.one_of("drop", drop, DROPS)
         if valuation == "online" and drop != "features":
             raise ValueError("online valuation reuses encoder features, so it needs drop: features")
         if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
