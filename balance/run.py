@@ -32,6 +32,12 @@ SIGTERM_EXIT_CODE = 143
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     """Instantiates the datamodule and sets it up, so that what the model needs from the data is known."""
+    missing = [key for key in cfg.data if OmegaConf.is_missing(cfg.data, key)]
+    if missing:
+        name = str(cfg.data.get("_target_", "")).split(".")[-2] if "." in str(cfg.data.get("_target_", "")) else "?"
+        hint = (f"; prepare the raw download once with `balance-prepare {name} --raw RAW --out OUT`, then give "
+                f"data.root=OUT (docs/datasets/{name}.md says where to get the data)") if "root" in missing else ""
+        raise ValueError(f"data.{', data.'.join(missing)} must be set{hint}")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -173,3 +173,9 @@ def test_a_seed_that_is_no_number_is_refused_naming_the_key():
 def test_bad_method_options_are_refused_when_the_run_is_built(method, override, match):
     with pytest.raises(Exception, match=match):  # Hydra's InstantiationException around the method's ValueError
         build(compose_train([*IMAGES, f"method={method}", override]))
+
+
+def test_a_missing_data_root_names_the_preparation_command():
+    with pytest.raises(ValueError, match=r"data.root must be set; prepare the raw download once with "
+                                         r"`balance-prepare crema_d --raw RAW --out OUT`.*docs/datasets/crema_d.md"):
+        build(compose_train(["data=crema_d", "model=crema_d"]))
