@@ -157,10 +157,11 @@ def test_evaluate_from_must_name_a_trained_row_above(tmp_path):
         load_table(str(path))
 
 
-def _finished_runs(out, values, configs=None):
+def _finished_runs(out, values, configs=None, baselines=None):
     """Finished runs in ``out`` made up from ``{row: {key: [value per seed]}}`` (a seed's results.json has the
-    keys with a value for it), each with the saved config ``configs`` (a dict, written as .hydra/config.yaml)."""
-    rows = [Row(name, []) for name in values]
+    keys with a value for it), each with the saved config ``configs`` (a dict, written as .hydra/config.yaml) and
+    the row's baseline from ``baselines`` (row -> name)."""
+    rows = [Row(name, [], baseline=(baselines or {}).get(name)) for name in values]
     runs = plan_runs(rows, list(range(max(len(v) for r in values.values() for v in r.values()))), out)
     for run in runs:
         run.directory.mkdir(parents=True)
@@ -185,7 +186,9 @@ def test_shipped_diagnostics_declare_the_committed_columns_and_figures(study, tm
     """The committed study tables' diagnostics numbers and figures, rewritten from their table.json: the columns
     and figures are what the diagnostics' classes declare (table_columns, table_figure)."""
     spec = json.loads((RESULTS / study / "table.json").read_text())
-    runs = _finished_runs(tmp_path / "out", {name: row["values"] for name, row in spec["rows"].items()})
+    baselines = {name: entry["baseline"] for name, entry in spec.get("paired", {}).items()}
+    runs = _finished_runs(tmp_path / "out", {name: row["values"] for name, row in spec["rows"].items()},
+                          baselines=baselines)
     text = write_table(spec["title"], runs, tmp_path / "out", spec["protocol"])
     committed = _diagnostics_cells((RESULTS / study / "table.md").read_text())
     written = _diagnostics_cells(text)
