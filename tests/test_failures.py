@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from balance.overrides import expand_home
+from balance.report import format_results
 from balance.run import SIGTERM_EXIT_CODE, _json_safe, build, run, train
 from compose import compose_train
 from datamodules.base import NoLoneLastBatch
@@ -179,3 +180,19 @@ def test_a_missing_data_root_names_the_preparation_command():
     with pytest.raises(ValueError, match=r"data.root must be set; prepare the raw download once with "
                                          r"`balance-prepare crema_d --raw RAW --out OUT`.*docs/datasets/crema_d.md"):
         build(compose_train(["data=crema_d", "model=crema_d"]))
+
+
+def test_the_final_table_stays_readable_with_many_metrics():
+    modalities = ["audio", "visual", "text"]
+    test = {"acc": 0.9, "f1": 0.8, "loss": 0.3, **{f"acc_{m}": 0.5 for m in modalities},
+            **{f"weight_{m}": 0.33 for m in modalities},
+            **{f"missing_modality/acc_r{r / 10:.2f}": 0.5 for r in range(10)},
+            **{f"mm_shap/share_{m}_correct": 0.3 for m in modalities}, "emap/acc_gap": 0.01}
+    text = format_results({"val": dict(test), "test": test, "selection": "best val/acc", "best_epoch": 3},
+                          modalities)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    for key in test:  # every name in full, with its value
+        line = next(l for l in text.splitlines() if f" {key} " in l)
+        assert line.count(f"{test[key]:.4f}") == 2
+    small = format_results({"val": {"acc": 0.9}, "test": {"acc": 0.8}}, ["audio"])
+    assert "split" in small and "0.8000" in small  # a few metrics: one column each
