@@ -114,3 +114,14 @@ def test_balance_prepare_lists_and_refuses(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no_such_data"])
     assert exit_info.value.code == 2 and "avdigits" in capsys.readouterr().err
+
+
+def test_balance_prepare_help_lists_every_data_set_with_its_description(capsys):
+    from datamodules.prepare import main, preparable_datasets
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--raw" not in shown.splitlines()[0]
+    for name in preparable_datasets():
+        assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in shown.splitlines()), name
