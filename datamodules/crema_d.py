@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from datamodules.cache import PreparedCacheDataModule
 from datamodules.clips import ClipDataset, clip_cached, write_clip
 from datamodules.preparation import (
+    not_a_directory,
     missing_cache_error,
     PrepareReport,
     prepare_parser,
@@ -140,8 +141,8 @@ def prepare(
     """
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
     audio_dir, video_dir = raw / "AudioWAV", raw / "VideoFlash"
-    if not raw.is_dir():
-        raise _raw_error(raw, f"{raw} does not exist")
+    if (problem := not_a_directory(raw)) is not None:
+        raise _raw_error(raw, problem)
     if not audio_dir.is_dir() or not video_dir.is_dir():
         raise _raw_error(raw, f"{raw} has no {'AudioWAV/' if not audio_dir.is_dir() else 'VideoFlash/'} directory")
     params = {"sample_rate": SAMPLE_RATE, "seconds": SECONDS, "n_fft": N_FFT, "hop_length": HOP_LENGTH,

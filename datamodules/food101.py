@@ -26,7 +26,7 @@ import numpy as np
 from datamodules.image_text import ImageTextDataModule
 from datamodules.image_text_prepare import Pair, prepare_command, write_cache
 from datamodules.image_text_raw import IMAGE_SUFFIXES, ImageTextSource, clean_text, decode_text
-from datamodules.preparation import PrepareReport
+from datamodules.preparation import PrepareReport, not_a_directory
 
 PARTS = ("train", "test")
 RAW_LAYOUT = """\
@@ -110,8 +110,8 @@ def prepare(
         max_length: tokens stored per text (the datamodule's ``max_length`` can be at most this).
     """
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not raw.is_dir():
-        raise SOURCE.raw_error(f"{raw} does not exist")
+    if (problem := not_a_directory(raw)) is not None:
+        raise SOURCE.raw_error(problem)
     needed = [f"images/{part}" for part in PARTS] + [f"texts/{part}_titles.csv" for part in PARTS]
     missing = [name for name in needed if not (raw / name).exists()]
     if missing:

@@ -55,6 +55,7 @@ from datamodules.iemocap_raw import (
 )
 from datamodules.media import MediaError
 from datamodules.preparation import (
+    not_a_directory,
     PrepareReport,
     prepare_parser,
     run_prepare_command,
@@ -163,8 +164,8 @@ def prepare(
         audio_frames: filter-bank frames (10 ms each) kept per utterance; shorter utterances are zero-padded.
     """
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not raw.is_dir():
-        raise raw_error(f"{raw} does not exist")
+    if (problem := not_a_directory(raw)) is not None:
+        raise raw_error(problem)
     raw = find_release(raw)
     sessions = session_dirs(raw)
     if not sessions:

@@ -31,6 +31,7 @@ from datamodules.kinetics_sounds_media import (
 )
 from datamodules.kinetics_sounds_raw import CLASSES, RAW_LAYOUT, SOURCE, RawClip, RawScan, raw_error, scan_raw
 from datamodules.preparation import (
+    not_a_directory,
     PrepareReport,
     prepare_parser,
     run_prepare_command,
@@ -110,8 +111,8 @@ def prepare(
         quality: JPEG quality.
     """
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not raw.is_dir():
-        raise raw_error(f"{raw} does not exist")
+    if (problem := not_a_directory(raw)) is not None:
+        raise raw_error(problem)
     scan = scan_raw(raw)
     params = {"sample_rate": SAMPLE_RATE, "resampling": "kaiser_best", "channels": "mean", "remove_mean": True,
               "num_mel_bins": NUM_MEL_BINS, "frame_shift_ms": FRAME_SHIFT_MS, "target_frames": TARGET_FRAMES,

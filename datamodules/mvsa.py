@@ -30,7 +30,7 @@ import numpy as np
 from datamodules.image_text import ImageTextDataModule
 from datamodules.image_text_prepare import Pair, prepare_command, write_cache
 from datamodules.image_text_raw import ImageTextSource, clean_text, decode_text
-from datamodules.preparation import PrepareReport
+from datamodules.preparation import PrepareReport, not_a_directory
 from datamodules.splits import random_split, stratified_split
 
 CLASSES = ("negative", "neutral", "positive")
@@ -125,8 +125,8 @@ def prepare(
         max_length: tokens stored per text (the datamodule's ``max_length`` can be at most this).
     """
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not raw.is_dir():
-        raise SOURCE.raw_error(f"{raw} does not exist")
+    if (problem := not_a_directory(raw)) is not None:
+        raise SOURCE.raw_error(problem)
     missing = [name for name in (LABEL_FILE, "data") if not (raw / name).exists()]
     if missing:
         raise SOURCE.raw_error(f"{raw} has no {', '.join(missing)}")

@@ -369,3 +369,14 @@ def read_cache_meta(root: Path | None, required: Sequence[str], dataset: str, ve
     if meta.get("dataset") != dataset or meta.get("version") != version:
         raise missing_error(f"{root}/meta.json is not a version {version} {title} cache's")
     return meta
+
+
+def not_a_directory(path: Path) -> str | None:
+    """Why ``path`` cannot be a raw download's directory, or ``None`` if it can: it does not exist, or it is a file
+    (often the archive the data set comes in, not yet extracted)."""
+    if path.is_dir():
+        return None
+    if path.exists():
+        return (f"{path} is a file, not a directory: give the directory the download extracts to (extract an "
+                "archive first)")
+    return f"{path} does not exist"

@@ -269,3 +269,12 @@ def test_preparation_pool_reports_failures_and_survives_a_crashing_item(tmp_path
     report = run_items(items, work, is_done=lambda item: item.startswith("done"), workers=2)
     assert sorted(report.ok) == sorted(f"ok{i}" for i in range(12)) and report.done == ["done1"]
     assert sorted(report.failed) == [("crash1", CRASHED), ("fail1", "ValueError: bad fail1")]
+
+
+def test_prepare_says_when_raw_is_a_file_not_a_directory(tmp_path, capsys):
+    archive = tmp_path / "CREMA-D.zip"
+    archive.write_bytes(b"PK")
+    with pytest.raises(SystemExit) as exit_info:
+        balance_prepare(["crema_d", "--raw", str(archive), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is a file, not a directory" in err and "extract an archive first" in err
