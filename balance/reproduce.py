@@ -248,6 +248,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
             if key in METRICS or "/" in key or re.fullmatch(r"(acc|phi)_\w+", key):
                 entry["values"].setdefault(key, []).append(value)
                 by_seed.setdefault(run.row.name, {}).setdefault(run.seed, {})[key] = value
+    rows = {name: entry for name, entry in rows.items() if entry["seeds"]}  # rows not run yet stay out of the table
     for entry in rows.values():
         entry["stats"] = {key: mean_std([100 * v for v in values] if key in METRICS or key.startswith("acc_")
                                          else values)
