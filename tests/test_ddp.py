@@ -48,6 +48,9 @@ MODULATIONS = {
     "cggm": ([*SYNTHETIC], "coeff", lambda values: len(values) > 0),
     "mmpareto": ([*SYNTHETIC], "cos", lambda values: len(values) > 0),
     "greedy": ([*IMAGES, "method.starting_epoch=0"], "bdr", lambda values: len(values) > 0),
+    "agm": ([*SYNTHETIC, "method.modulation_starts=0"], "coeff", lambda values: len(values) > 0),
+    "pmr": ([*SYNTHETIC], "coeff", lambda values: len(values) > 0),
+    "opm": ([*SYNTHETIC, "method.modulation_starts=0"], "drop_prob", lambda values: max(values) > 0.0),
 }
 
 
