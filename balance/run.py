@@ -19,6 +19,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from balance.diagnostics import DiagnosticsCallback
 from balance.methods import MultimodalMethod
+from balance.option_types import check_options
 from balance.report import format_results
 from balance.selection import PROTOCOLS, apply_protocol
 
@@ -38,6 +39,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         hint = (f"; prepare the raw download once with `balance-prepare {name} --raw RAW --out OUT`, then give "
                 f"data.root=OUT (docs/datasets/{name}.md says where to get the data)") if "root" in missing else ""
         raise ValueError(f"data.{', data.'.join(missing)} must be set{hint}")
+    check_options(cfg.data, "data")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -62,6 +64,8 @@ def build_model_config(cfg: DictConfig, datamodule: Any) -> DictConfig:
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MultimodalMethod]:
     """The datamodule and the method (holding its model) described by ``cfg``."""
+    check_options(cfg.method, "method")
+    check_options(cfg.model, "model")
     datamodule = build_datamodule(cfg)
     model = instantiate(build_model_config(cfg, datamodule))
     if list(model.modalities) != list(datamodule.modalities):
@@ -81,6 +85,8 @@ def build_diagnostics(cfg: DictConfig) -> DiagnosticsCallback | None:
     if not selected:
         return None
     options = cfg.get("diagnose") or {}
+    for name, node in selected.items():
+        check_options(node, f"diagnostics.{name}")
     return DiagnosticsCallback({name: instantiate(node) for name, node in selected.items()}, dirpath=cfg.run_dir,
                                every_n_epochs=options.get("every_n_epochs", 0), plots=options.get("plots", True))
 

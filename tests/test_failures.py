@@ -169,7 +169,19 @@ def test_a_seed_that_is_no_number_is_refused_naming_the_key():
     ("sample_level", "method.benefit=foo", r"method.benefit must be one of \('official', 'correct', 'true_prob'\)"),
     ("modality_level", "method.drop=everything", r"method.drop must be one of \('features', 'inputs'\)"),
     ("sample_level", "method.warmup_epochs=-1", "warmup_epochs must be an integer >= 0"),
-    ("sample_level", "method.warmup_epochs=abc", "warmup_epochs must be an integer >= 0"),
+    ("sample_level", "method.warmup_epochs=abc", r"method.warmup_epochs must be an integer, got 'abc'"),
+    ("sample_level", "+method.warmup_epoch=3", "method.warmup_epoch is not an option of SampleLevelResampling; its "
+                                               "options are .*warmup_epochs"),
+    ("joint", "data.batch_size=abc", "data.batch_size must be an integer, got 'abc'"),
+    ("joint", "data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+    ("joint", "data.missing_rate=true", "data.missing_rate must be a number, got True"),
+    ("joint", "model.encoders.encoder.channels=[8,x]", "model.encoders.encoder.channels must be a list whose items are "
+                                                       "each an integer"),
+    ("mla", "method.order=[m0,3]", "method.order must be a list whose items are each a string"),
+    ("ogm_ge", "method.alpha=-1", r"method.alpha must be a number > 0, got -1"),
+    ("pmr", "method.prototype_momentum=1", r"method.prototype_momentum must be a number in \[0, 1\), got 1"),
+    ("opm", "method.q_base=1.5", r"method.q_base must be a number in \[0, 1\], got 1.5"),
+    ("modality_level", "method.variant=cubic", r"method.variant must be one of \('linear', 'tanh', 'power'\)"),
 ])
 def test_bad_method_options_are_refused_when_the_run_is_built(method, override, match):
     with pytest.raises(Exception, match=match):  # Hydra's InstantiationException around the method's ValueError

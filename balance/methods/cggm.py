@@ -105,8 +105,7 @@ class CGGM(MultimodalMethod):
         for name, value in (("clip", clip), ("max_coefficient", max_coefficient)):
             options.positive(name, value, optional=True)
         options.one_of("direction", direction, DIRECTIONS)
-        if not isinstance(classifier_layers, int) or classifier_layers < 0:
-            raise ValueError(f"classifier_layers must be an integer >= 0, got {classifier_layers!r}")
+        options.integer("classifier_layers", classifier_layers, 0)
         self.rho = float(rho)
         self.lamda = float(lamda)
         self.direction = direction

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.step import Step
@@ -97,12 +98,9 @@ class Greedy(MultimodalMethod):
             raise ValueError(f"Greedy's branches each end in their own classifier, but the fusion head is "
                              f"{type(self.model.fusion).__name__}: use model/fusion=late_fusion (the method's "
                              "default, official) or model/fusion=sum")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        options.non_negative("epsilon", epsilon)
+        options.integer("window", window, 1)
+        options.one_of("loss", loss, LOSSES)
         self.epsilon = float(epsilon)
         self.window = window
         self.active = EpochWindow(starting_epoch)

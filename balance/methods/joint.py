@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 
@@ -24,8 +25,7 @@ class JointTraining(MultimodalMethod):
 
     def __init__(self, unimodal_loss_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if unimodal_loss_weight < 0:
-            raise ValueError(f"unimodal_loss_weight must be >= 0, got {unimodal_loss_weight}")
+        options.non_negative("unimodal_loss_weight", unimodal_loss_weight)
         self.unimodal_loss_weight = unimodal_loss_weight
 
     def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from balance.dropping import drop_features
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 from balance.models import SharedHead
@@ -100,8 +101,7 @@ class MLA(MultimodalMethod):
         self.order = list(order) if order is not None else list(self.modalities)
         if sorted(self.order) != sorted(self.modalities):
             raise ValueError(f"order {self.order} must list each of {self.modalities} once")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        options.one_of("fusion", fusion, FUSIONS)
         if fusion == "fixed":
             if fixed_weights is None or sorted(fixed_weights) != sorted(self.modalities):
                 raise ValueError(f"fusion: fixed needs fixed_weights for each of {self.modalities}")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 
@@ -106,10 +107,8 @@ class MMPareto(MultimodalMethod):
 
     def __init__(self, gamma: float = 1.5, rescale: str = "tensor", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-            raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
-        if rescale not in RESCALES:
-            raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+        options.positive("gamma", gamma)
+        options.one_of("rescale", rescale, RESCALES)
         self.gamma = float(gamma)
         self.rescale = rescale
         dims = self.model.fusion.feature_dims

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.step import Step
@@ -61,10 +62,8 @@ class OGMGE(MultimodalMethod):
     def __init__(self, alpha: float = 0.8, ge: bool = True, modulation_starts: int = 0, modulation_ends: int = 50,
                  params: str = "conv", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if params not in PARAMS:
-            raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
+        options.positive("alpha", alpha)
+        options.one_of("params", params, PARAMS)
         self.alpha = float(alpha)
         self.ge = ge
         self.window = EpochWindow(modulation_starts, modulation_ends)

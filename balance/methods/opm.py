@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.ogm_ge import confidence_scores
@@ -85,11 +86,9 @@ class OPM(MultimodalMethod):
                 f"OPM rescales the kept features by 1 / (1 - theta), which keeps the expected fused logits only for "
                 f"a head linear in each modality's features; {type(head).__name__} is not: use model/fusion=concat "
                 "(official), sum, late_fusion or shared")
-        for name, value in (("q_base", q_base), ("p_exe", p_exe)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} is a probability in [0, 1], got {value!r}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam!r}")
+        options.interval("q_base", q_base, 0, 1)
+        options.interval("p_exe", p_exe, 0, 1)
+        options.non_negative("lam", lam)
         self.q_base = float(q_base)
         self.lam = float(lam)
         self.p_exe = float(p_exe)

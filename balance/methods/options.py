@@ -29,3 +29,18 @@ def one_of(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"method.{name} must be one of {choices}, got {value!r}")
+
+
+def integer(name: str, value: Any, minimum: int) -> None:
+    """Refuses ``value`` unless it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"method.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def interval(name: str, value: Any, low: float, high: float, open_low: bool = False, open_high: bool = False) -> None:
+    """Refuses ``value`` unless it is a number between ``low`` and ``high`` (each end closed unless ``open_*``)."""
+    above = _is_number(value) and (value > low if open_low else value >= low)
+    below = _is_number(value) and (value < high if open_high else value <= high)
+    if not (above and below):
+        bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"method.{name} must be a number in {bounds}, got {value!r}")

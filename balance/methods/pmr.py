@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from balance.methods import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.ogm_ge import confidence_scores
@@ -76,12 +77,9 @@ class PMR(MultimodalMethod):
         if len(self.modalities) < 2:
             raise ValueError(f"PMR rebalances modalities against each other: it needs at least two, the model "
                              f"has {self.modalities}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not 0 <= prototype_momentum < 1:
-            raise ValueError(f"prototype_momentum must be in [0, 1), got {prototype_momentum!r}")
-        if not 0 < prototype_fraction <= 1:
-            raise ValueError(f"prototype_fraction must be in (0, 1], got {prototype_fraction!r}")
+        options.positive("alpha", alpha)
+        options.interval("prototype_momentum", prototype_momentum, 0, 1, open_high=True)
+        options.interval("prototype_fraction", prototype_fraction, 0, 1, open_low=True)
         self.alpha = float(alpha)
         self.prototype_momentum = float(prototype_momentum)
         self.prototype_fraction = float(prototype_fraction)

@@ -21,6 +21,7 @@ from balance.methods.joint import JointTraining
 from balance.methods.step import Step
 from balance.resampling import (
     OFFICIAL_THRESHOLDS,
+    VARIANTS,
     TrainingPlan,
     estimate_mean_contribution,
     modality_level_extra,
@@ -72,8 +73,7 @@ class ShapleyResampling(JointTraining):
         options.one_of("drop", drop, DROPS)
         if valuation == "online" and drop != "features":
             raise ValueError("online valuation reuses encoder features, so it needs drop: features")
-        if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+        options.integer("warmup_epochs", warmup_epochs, 0)
         self.warmup_epochs = warmup_epochs
         self.valuing = EpochWindow(start=max(warmup_epochs - 1, 0))
         self.valuation = valuation
@@ -219,8 +219,9 @@ class ModalityLevelResampling(ShapleyResampling):
 
     def __init__(self, ratio: float = 0.2, alpha: float = 1.0, variant: str = "linear", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        options.interval("ratio", ratio, 0, 1, open_low=True)
+        options.positive("alpha", alpha)
+        options.one_of("variant", variant, VARIANTS)
         self.ratio = ratio
         self.alpha = alpha
         self.variant = variant
