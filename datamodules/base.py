@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from typing import Any
-
-import os
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,6 +18,8 @@ from balance.resampling import TrainingPlan
 from balance.missing import missing_mask
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 class ShardSampler(Sampler[int]):
@@ -66,6 +68,26 @@ def _check_split_sizes(sizes: Mapping[str, int], datamodule: str) -> None:
             f"{datamodule}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
             f"(samples per split: {listed}). Every split needs at least one sample: use more data, raise "
             "data.val_fraction / data.test_fraction, or give split files whose items are all in the data")
+
+
+def _warn_of_classes_missing_from_training(datasets: Mapping[str, Dataset], datamodule: str) -> None:
+    """Warns when a class of the validation or test split has no training sample: the model cannot learn it, so
+    every such sample is an error whatever the method. Reads ``labels`` where a dataset keeps them (none loads
+    media for this)."""
+    labels = {split: getattr(datasets[split], "labels", None) for split in SPLITS}
+    if labels["train"] is None:
+        return
+    trained = set(np.asarray(labels["train"]).tolist())
+    for split in ("val", "test"):
+        if labels[split] is None:
+            continue
+        values, counts = np.unique(np.asarray(labels[split]), return_counts=True)
+        unseen = {int(v): int(c) for v, c in zip(values, counts) if int(v) not in trained}
+        if unseen:
+            listed = ", ".join(f"class {v} ({c} sample{'s' if c > 1 else ''})" for v, c in unseen.items())
+            log.warning(f"{datamodule}: {listed} of the {split} split never occur in training, so the model "
+                        "cannot learn them; a stratified split (data.split=stratified where the data set has one) "
+                        "or more data keeps every class in training")
 
 
 def _world_size() -> int:
@@ -218,6 +240,7 @@ class MultimodalDataModule(pl.LightningDataModule):
             return
         raw = self.build_datasets()
         _check_split_sizes({split: len(raw[split]) for split in SPLITS}, type(self).__name__)
+        _warn_of_classes_missing_from_training(raw, type(self).__name__)
         masks = {}
         for offset, split in enumerate(SPLITS):
             masks[split] = None

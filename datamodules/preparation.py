@@ -334,13 +334,24 @@ def missing_cache_error(problem: str, *, title: str, root: Path | None, looks_ra
     if root is not None and looks_raw:
         hint = (f"\n{root} looks like the raw {download}: prepare it into another directory with "
                 f"`{prepare} --raw {root} --out OUT` and set data.root=OUT.")
+    # A directory holding any prepared cache is no place to write this one.
+    out = "OUT" if root is None or prepared_dataset(root) is not None else str(root)
     return FileNotFoundError(
         f"{title}: {problem}.{hint}\n"
         f"data.root must be a cache prepared from the raw {download} with\n  {command}\n"
-        f"(then data.root=OUT; here: --out {root if root is not None else 'OUT'}), where RAW is laid out as\n"
+        f"(then data.root=OUT; here: --out {out}), where RAW is laid out as\n"
         f"{raw_layout}\nThe cache it writes:\n{cache_layout}\n"
         f"{title} is obtained {obtained}; nothing is downloaded automatically."
     )
+
+
+def prepared_dataset(root: Path) -> str | None:
+    """The ``dataset`` named by the cache in ``root`` (its ``meta.json``), or None where there is none."""
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("dataset") if isinstance(meta, dict) else None
 
 
 def read_cache_meta(root: Path | None, required: Sequence[str], dataset: str, version: int, title: str,
@@ -362,6 +373,9 @@ def read_cache_meta(root: Path | None, required: Sequence[str], dataset: str, ve
         raise missing_error("data.root is not set")
     if not root.is_dir():
         raise missing_error(f"{root} does not exist")
+    other = prepared_dataset(root)
+    if other is not None and other != dataset:
+        raise missing_error(f"{root} is a prepared {other} cache, not a {title} one")
     missing = [name for name in required if not (root / name).exists()]
     if missing:
         raise missing_error(f"{root} is not a complete {title} cache (missing {', '.join(missing)})")

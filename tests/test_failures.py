@@ -19,7 +19,7 @@ from balance.overrides import expand_home
 from balance.report import format_results
 from balance.run import SIGTERM_EXIT_CODE, _json_safe, build, run, train
 from compose import compose_train
-from datamodules.base import NoLoneLastBatch
+from datamodules.base import NoLoneLastBatch, _warn_of_classes_missing_from_training
 from datamodules.splits import group_split, random_split, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,22 @@ def test_an_empty_split_is_refused_before_training_with_the_sizes_and_the_fix():
     with pytest.raises(ValueError, match=r"test split is empty \(samples per split: train 1, val 1, test 0\).*"
                                          r"data.val_fraction"):
         train(compose_train([*IMAGES, "data.num_samples=2"], run_dir="/tmp/balance-unused"))
+
+
+def test_a_class_that_never_occurs_in_training_is_warned_of(caplog):
+    from types import SimpleNamespace
+
+    splits = {"train": SimpleNamespace(labels=[0, 0, 1, 1]), "val": SimpleNamespace(labels=[0, 1]),
+              "test": SimpleNamespace(labels=np.array([1, 2, 2, 3]))}
+    with caplog.at_level(logging.WARNING):
+        _warn_of_classes_missing_from_training(splits, "Tiny")
+    assert "Tiny: class 2 (2 samples), class 3 (1 sample) of the test split never occur in training" in caplog.text
+    assert "val split" not in caplog.text
+    caplog.clear()
+    splits["test"] = SimpleNamespace(labels=[1, 0])
+    with caplog.at_level(logging.WARNING):
+        _warn_of_classes_missing_from_training(splits, "Tiny")
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize("count, sizes", [(9, [4, 5]), (8, [4, 4]), (10, [4, 4, 2]), (1, [1]), (5, [5])])
@@ -192,6 +208,16 @@ def test_a_missing_data_root_names_the_preparation_command():
     with pytest.raises(ValueError, match=r"data.root must be set; prepare the raw download once with "
                                          r"`balance-prepare crema_d --raw RAW --out OUT`.*docs/datasets/crema_d.md"):
         build(compose_train(["data=crema_d", "model=crema_d"]))
+
+
+@pytest.mark.parametrize("data", ["kinetics_sounds", "crema_d"])
+def test_a_cache_of_another_data_set_is_named_and_not_offered_as_the_output(tmp_path, data):
+    other = "food101" if data == "crema_d" else "crema_d"
+    (tmp_path / "meta.json").write_text(json.dumps({"dataset": other, "version": 1}))
+    with pytest.raises(FileNotFoundError) as error:
+        build(compose_train([f"data={data}", f"model={data}", f"data.root={tmp_path}"]))
+    assert f"{tmp_path} is a prepared {other} cache, not a" in str(error.value)
+    assert "here: --out OUT" in str(error.value) and f"--out {tmp_path}" not in str(error.value)
 
 
 def test_the_final_table_stays_readable_with_many_metrics():
