@@ -26,4 +26,8 @@ def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
     """
     if offline is None:
         offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_is_logged_in()
-    return WandbLogger(offline=offline, **kwargs)
+    logger = WandbLogger(offline=offline, **kwargs)
+    if logger._wandb_init.get("anonymous") is None:
+        # Lightning always passes the key; W&B warns on every run that it has no effect.
+        logger._wandb_init.pop("anonymous")
+    return logger

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from balance.console import console_callbacks
 from balance.diagnostics import DiagnosticsCallback
 from balance.methods import MultimodalMethod
 from balance.option_types import check_options
@@ -97,8 +98,11 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     if diagnostics is not None:
         callbacks.append(diagnostics)
     callbacks = apply_protocol(cfg.get("protocol", "val"), callbacks)
+    callbacks += console_callbacks(cfg.trainer)  # in place of Lightning's own, which it then leaves out
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir)
+    # The summary is ours (console_callbacks); the flag off keeps Lightning from announcing that it skips its own.
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=cfg.run_dir,
+                       enable_model_summary=False)
 
 
 def _strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
@@ -266,7 +270,7 @@ def _evaluate_and_report(cfg: DictConfig, trainer: pl.Trainer, method: Multimoda
         "val": _strip_stage(val, "val"),
         "test": _strip_stage(test, "test"),
         "best_checkpoint": checkpoint,
-        "best_epoch": _checkpoint_epoch(checkpoint),
+        "best_epoch": method.loaded_epoch if checkpoint else None,
         **extra,
     }
     if trainer.is_global_zero:
@@ -287,8 +291,3 @@ def _json_safe(value: Any) -> Any:
         return None
     return value
 
-
-def _checkpoint_epoch(path: str | None) -> int | None:
-    if not path:
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])

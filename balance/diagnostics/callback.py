@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic  # noqa: E402
 from balance.plots import log_figure  # noqa: E402
@@ -32,27 +34,49 @@ def full_split_loader(datamodule: Any, split: str) -> DataLoader:
                       num_workers=datamodule.num_workers)
 
 
+class ProgressLoader:
+    """A loader that shows a progress bar (batches done of the split, rate, time left) each time it is iterated:
+    diagnostics such as MM-SHAP take minutes on a whole split."""
+
+    def __init__(self, loader: Any, description: str) -> None:
+        self.loader = loader
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped loader's ``dataset``, ``batch_size``, ...
+        return getattr(self.__dict__["loader"], name)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from tqdm(self.loader, desc=self.description, unit="batch", leave=False, dynamic_ncols=True)
+
+
 def run_diagnostics(
     diagnostics: Mapping[str, Diagnostic],
     method: torch.nn.Module,
-    loader: Any,
+    loader: Iterable[Any],
+    progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Computes every diagnostic on ``loader``; returns ``{name: result}``.
 
     A diagnostic that fails (e.g. the modality gap of encoders with different feature sizes) is logged and its
     result is ``{"error": message}``: the others still run and a finished training run is not lost to it. The
     global RNG states are restored afterwards, so a diagnostic that samples (permutations, masks, partners) leaves
-    a training run exactly as it would be without it.
+    a training run exactly as it would be without it. Each diagnostic's time is logged; ``progress`` shows a bar
+    over the split's batches while one runs.
     """
     results = {}
     with isolated_rng():
         for name, diagnostic in diagnostics.items():
             log.info("diagnostic %s ...", name)
+            start = time.perf_counter()
             try:
-                results[name] = diagnostic.compute(method, loader)
+                results[name] = diagnostic.compute(method, ProgressLoader(loader, name) if progress else loader)
             except Exception as error:  # noqa: BLE001 - reported in the outputs, the run goes on
                 log.error("diagnostic %s failed: %s: %s", name, type(error).__name__, error)
                 results[name] = {"error": f"{type(error).__name__}: {error}"}
+            log.info("diagnostic %s took %.1f s", name, time.perf_counter() - start)
     return results
 
 
@@ -139,7 +163,8 @@ class DiagnosticsCallback(pl.Callback):
             return
         if trainer.is_global_zero:
             epoch = trainer.current_epoch
-            results = run_diagnostics(self.diagnostics, pl_module, full_split_loader(trainer.datamodule, "val"))
+            results = run_diagnostics(self.diagnostics, pl_module, full_split_loader(trainer.datamodule, "val"),
+                                      progress=trainer.progress_bar_callback is not None)
             scalars = self._scalars(results)
             for key, value in scalars.items():
                 self.history.setdefault(key, []).append((epoch, value))
@@ -154,7 +179,8 @@ class DiagnosticsCallback(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        results = run_diagnostics(self.diagnostics, pl_module, full_split_loader(trainer.datamodule, "test"))
+        results = run_diagnostics(self.diagnostics, pl_module, full_split_loader(trainer.datamodule, "test"),
+                                  progress=trainer.progress_bar_callback is not None)
         for key, value in self._scalars(results).items():
             pl_module.log(f"test/{key}", value, on_epoch=True, on_step=False, rank_zero_only=True)
         header = {"split": "test", "checkpoint": trainer.ckpt_path}

@@ -94,6 +94,8 @@ class MultimodalMethod(pl.LightningModule):
         #: the run's resolved ``data``, ``model`` and ``method`` configs (set by ``balance.run.build``), saved in
         #: checkpoints so that one moved out of its run directory can still be rebuilt as it was trained
         self.run_config: dict[str, Any] | None = None
+        #: the epoch of the checkpoint last loaded (None before any), for reports of which epoch was evaluated
+        self.loaded_epoch: int | None = None
 
     def _stage_metrics(self, num_classes: int) -> MetricCollection:
         metrics = {
@@ -357,6 +359,7 @@ class MultimodalMethod(pl.LightningModule):
             checkpoint["run_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_epoch = checkpoint.get("epoch")
         states = checkpoint.get("rng_states")
         if states is not None:
             torch.set_rng_state(states["torch"])
