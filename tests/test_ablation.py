@@ -179,4 +179,7 @@ def test_result_outputs():
     assert "### fill: shuffled" in diagnostic.summary(result)
     figure = diagnostic.figures(result)["ablation"]
     assert len(figure.axes) == 3
+    figure.canvas.draw()
+    (legend,) = figure.legends  # one legend for all panels, covering none of them
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in figure.axes)
     plt.close(figure)

@@ -75,3 +75,20 @@ def test_gradient_modulation_is_the_same_on_every_rank(method, tmp_path):
     assert acted(values), values  # the mechanism acted
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differing, differing
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    # Were only the rank with the NaN to stop, the others would fail in the next gradient all-reduce with gloo's
+    # "Connection closed by peer" (under NCCL: wait until the process group times out), which hides the cause.
+    overrides = [*SYNTHETIC, "data.num_samples=600", "trainer.max_epochs=2",
+                 "+callbacks.poison={_target_:ddp_probe.PoisonOneRank,rank:1,step:2}"]
+    out = subprocess.run(
+        [sys.executable, "train.py", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.sync_batchnorm=false", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "tests")},
+        capture_output=True, text=True, timeout=150,
+    )
+    assert out.returncode != 0
+    assert "non-finite training loss on 1 of 2 ranks" in out.stdout + out.stderr
+    assert "Connection closed by peer" not in out.stdout + out.stderr
+    assert not (tmp_path / "results.json").exists()

@@ -214,7 +214,8 @@ class CrossModalAblation(Diagnostic):
         modalities = list(result[fills[0]])
         predictions = [("fused", "acc"), *[(n, f"acc_{n}") for n in modalities]]
         styles = ["-", "--", ":", "-."]
-        fig, axes = plt.subplots(1, len(fills), figsize=(4.5 * len(fills), 3.5), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(fills), figsize=(4.5 * len(fills) + 2.5, 3.5), sharey=True, squeeze=False,
+                                 layout="constrained")
         for ax, fill in zip(axes[0], fills):
             for i, m in enumerate(modalities):
                 for j, (prediction, key) in enumerate(predictions):
@@ -224,6 +225,6 @@ class CrossModalAblation(Diagnostic):
             ax.set_title(f"fill: {fill}")
             ax.set_xlabel("ablation level")
         axes[0][0].set_ylabel("accuracy")
-        axes[0][-1].legend(fontsize="small")
-        fig.tight_layout()
+        # Beside the panels, not over them: the lines fill the whole range of each panel.
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize="small")
         return {"ablation": fig}

@@ -156,11 +156,17 @@ class MultimodalMethod(pl.LightningModule):
 
     def check_finite(self, step: Step, loss: torch.Tensor) -> None:
         """Stops the run at the first non-finite training loss, naming the epoch, the step and the loss terms:
-        training on would only end with chance accuracy and NaN in every result."""
-        if not torch.isfinite(loss):
+        training on would only end with chance accuracy and NaN in every result. Under DDP every rank stops
+        together (one more all-reduce per step): a rank stopping alone would leave the others waiting for it in
+        the next gradient all-reduce until the process group times out."""
+        failing = self.reduce_across_ranks((~torch.isfinite(loss.detach())).float())
+        if failing > 0:
             terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in step.losses.items())
+            ranks = "" if self._trainer is None or self.trainer.world_size == 1 else (
+                f" on {int(failing)} of {self.trainer.world_size} ranks (this rank, {self.global_rank}: "
+                f"{'non-finite' if not torch.isfinite(loss) else 'finite'})")
             raise FloatingPointError(
-                f"non-finite training loss in epoch {self.current_epoch}, step {self.global_step} (batch "
+                f"non-finite training loss{ranks} in epoch {self.current_epoch}, step {self.global_step} (batch "
                 f"{step.batch_idx}{'' if step.modality is None else ', modality ' + step.modality}): {terms}. "
                 "Lower the learning rate (method.optimizer.lr), clip gradients (trainer.gradient_clip_val=1.0), "
                 "or check the inputs for NaN or infinite values")
