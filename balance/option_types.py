@@ -23,13 +23,16 @@ CHECKED_PACKAGES = ("balance", "datamodules")
 MISSING = "???"
 
 
-def check_options(node: DictConfig | Mapping[str, Any], prefix: str) -> None:
+def check_options(node: DictConfig | Mapping[str, Any], prefix: str,
+                  packages: tuple[str, ...] = CHECKED_PACKAGES) -> None:
     """Refuses an option of ``node`` (and of the nested nodes with a ``_target_``) that its class does not take,
     or whose value does not fit the annotation, naming the key as typed on the command line.
 
     Args:
         node: a config node with a ``_target_``; other nodes are left alone.
         prefix: the node's key path, e.g. ``method`` or ``model.encoders.audio``.
+        packages: the top-level packages whose classes are checked (e.g. ``("pytorch_lightning",)`` for the
+            trainer node).
 
     Raises:
         ValueError: naming the key, the expected type and the value given (or the options the class takes).
@@ -40,12 +43,12 @@ def check_options(node: DictConfig | Mapping[str, Any], prefix: str) -> None:
         return
     for key, value in node.items():
         if isinstance(value, Mapping):
-            check_options(value, f"{prefix}.{key}")
+            check_options(value, f"{prefix}.{key}", packages)
     target = node.get("_target_")
-    if not isinstance(target, str) or not target.startswith(tuple(f"{p}." for p in CHECKED_PACKAGES)):
+    if not isinstance(target, str) or not target.startswith(tuple(f"{p}." for p in packages)):
         return
     built = get_object(target)
-    parameters, open_ended = _parameters(built)
+    parameters, open_ended = _parameters(built, packages)
     for key, value in node.items():
         if key.startswith("_") or value == MISSING:
             continue
@@ -59,14 +62,14 @@ def check_options(node: DictConfig | Mapping[str, Any], prefix: str) -> None:
             raise ValueError(f"{prefix}.{key} must be {_describe(expected)}, got {value!r}")
 
 
-def _parameters(built: Any) -> tuple[dict[str, Any], bool]:
+def _parameters(built: Any, packages: tuple[str, ...]) -> tuple[dict[str, Any], bool]:
     """The keyword parameters ``built`` takes, each with its annotation (None where unknown), and whether it also
     passes unknown keywords on to a class outside the checked packages."""
     functions = [built] if not isinstance(built, type) else [
         klass.__dict__["__init__"] for klass in built.__mro__ if "__init__" in klass.__dict__]
     parameters: dict[str, Any] = {}
     for function in functions:
-        if not _checked(function):
+        if str(getattr(function, "__module__", "")).split(".")[0] not in packages:
             return parameters, True
         try:
             hints = typing.get_type_hints(function)
@@ -81,10 +84,6 @@ def _parameters(built: Any) -> tuple[dict[str, Any], bool]:
         if not open_ended:
             return parameters, False
     return parameters, True
-
-
-def _checked(function: Any) -> bool:
-    return str(getattr(function, "__module__", "")).split(".")[0] in CHECKED_PACKAGES
 
 
 def _fits(value: Any, expected: Any) -> bool:

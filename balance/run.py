@@ -40,7 +40,6 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         hint = (f"; prepare the raw download once with `balance-prepare {name} --raw RAW --out OUT`, then give "
                 f"data.root=OUT (docs/datasets/{name}.md says where to get the data)") if "root" in missing else ""
         raise ValueError(f"data.{', data.'.join(missing)} must be set{hint}")
-    check_options(cfg.data, "data")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -63,10 +62,22 @@ def build_model_config(cfg: DictConfig, datamodule: Any) -> DictConfig:
     return model_cfg
 
 
+def check_run_options(cfg: DictConfig) -> None:
+    """Refuses, before anything is built, a data, model, method, trainer or diagnostics option that its class does
+    not take or whose value does not fit its type (see :func:`balance.option_types.check_options`)."""
+    for key in ("data", "model", "method"):
+        check_options(cfg[key], key)
+    check_options(cfg.trainer, "trainer", packages=("pytorch_lightning",))
+    for name, node in (cfg.get("diagnostics") or {}).items():
+        check_options(node, f"diagnostics.{name}")
+    every = (cfg.get("diagnose") or {}).get("every_n_epochs", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"diagnose.every_n_epochs must be an integer >= 0 (0: only at test), got {every!r}")
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, MultimodalMethod]:
     """The datamodule and the method (holding its model) described by ``cfg``."""
-    check_options(cfg.method, "method")
-    check_options(cfg.model, "model")
+    check_run_options(cfg)
     datamodule = build_datamodule(cfg)
     model = instantiate(build_model_config(cfg, datamodule))
     if list(model.modalities) != list(datamodule.modalities):
@@ -86,8 +97,6 @@ def build_diagnostics(cfg: DictConfig) -> DiagnosticsCallback | None:
     if not selected:
         return None
     options = cfg.get("diagnose") or {}
-    for name, node in selected.items():
-        check_options(node, f"diagnostics.{name}")
     return DiagnosticsCallback({name: instantiate(node) for name, node in selected.items()}, dirpath=cfg.run_dir,
                                every_n_epochs=options.get("every_n_epochs", 0), plots=options.get("plots", True))
 

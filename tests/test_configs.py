@@ -7,8 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from balance.option_types import check_options
-from balance.run import build_model_config
+from balance.run import build_model_config, check_run_options
 from compose import CONF_DIR, compose_train
 
 # Data each model config is built for (a new model config is tested with avdigits unless listed here).
@@ -22,14 +21,6 @@ def _compose(overrides: list[str], run_dir=None):
     if OmegaConf.is_missing(cfg.data, "root"):
         cfg = compose_train([*overrides, "data.root=/nonexistent/data"], run_dir=run_dir)
     return cfg
-
-
-def _check_options(cfg) -> None:
-    """The options every config sets fit what its classes take (the check a run makes before building)."""
-    for key in ("data", "model", "method"):
-        check_options(cfg[key], key)
-    for name, node in (cfg.get("diagnostics") or {}).items():
-        check_options(node, f"diagnostics.{name}")
 
 
 def _configs(group: str, nested: bool = False) -> list[str]:
@@ -64,7 +55,7 @@ class _FakeData:
 @pytest.mark.parametrize("name", _configs("data"))
 def test_data_config_instantiates(name):
     cfg = _compose([f"data={name}"])
-    _check_options(cfg)
+    check_run_options(cfg)
     dm = instantiate(cfg.data)
     assert len(dm.modalities) >= 2 and dm.num_classes >= 2
 
@@ -90,7 +81,7 @@ def test_fusion_config_runs(name):
 @pytest.mark.parametrize("name", _configs("method"))
 def test_method_config_instantiates(name):
     cfg = _compose(["data=avdigits", "model=avdigits", f"method={name}"])
-    _check_options(cfg)
+    check_run_options(cfg)
     model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
     method = instantiate(cfg.method, model=model)
     assert method.configure_optimizers() is not None
@@ -132,7 +123,7 @@ def test_diagnostic_config_instantiates_under_its_name(name):
 
     cfg = _compose([f"diagnostics=[{name}]"])
     assert list(cfg.diagnostics) == [name], "a diagnostics file nests its options under its own name"
-    _check_options(cfg)
+    check_run_options(cfg)
     diagnostic = instantiate(cfg.diagnostics[name])
     assert isinstance(diagnostic, Diagnostic) and diagnostic.name == name
 
@@ -151,7 +142,7 @@ def test_experiment_config_instantiates(name, tmp_path):
     assert re.search(rf"^# python train.py experiment={re.escape(name)}( |$)", header, re.M), \
         "an experiment starts with its command"
     cfg = _compose([f"experiment={name}"], run_dir=tmp_path)
-    _check_options(cfg)
+    check_run_options(cfg)
     model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
     method = instantiate(cfg.method, model=model)
     assert method.configure_optimizers() is not None
@@ -165,7 +156,7 @@ def test_every_table_row_composes_and_builds_its_method(name, tmp_path):
 
     for row in load_table(name)[1]:
         cfg = _compose(row.overrides, run_dir=tmp_path)
-        _check_options(cfg)
+        check_run_options(cfg)
         model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
         method = instantiate(cfg.method, model=model)
         assert method.configure_optimizers() is not None, row.name

@@ -197,6 +197,9 @@ def test_a_seed_that_is_no_number_is_refused_naming_the_key():
     ("ogm_ge", "method.alpha=-1", r"method.alpha must be a number > 0, got -1"),
     ("pmr", "method.prototype_momentum=1", r"method.prototype_momentum must be a number in \[0, 1\), got 1"),
     ("opm", "method.q_base=1.5", r"method.q_base must be a number in \[0, 1\], got 1.5"),
+    ("joint", "trainer.max_epochs=abc", "trainer.max_epochs must be an integer or null, got 'abc'"),
+    ("joint", "+trainer.max_epoch=3", "trainer.max_epoch is not an option of Trainer; its options are .*max_epochs"),
+    ("joint", "diagnose.every_n_epochs=abc", r"diagnose.every_n_epochs must be an integer >= 0 \(0: only at test\)"),
     ("modality_level", "method.variant=cubic", r"method.variant must be one of \('linear', 'tanh', 'power'\)"),
 ])
 def test_bad_method_options_are_refused_when_the_run_is_built(method, override, match):

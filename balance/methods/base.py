@@ -168,7 +168,7 @@ class MultimodalMethod(pl.LightningModule):
             raise FloatingPointError(
                 f"non-finite training loss{ranks} in epoch {self.current_epoch}, step {self.global_step} (batch "
                 f"{step.batch_idx}{'' if step.modality is None else ', modality ' + step.modality}): {terms}. "
-                "Lower the learning rate (method.optimizer.lr), clip gradients (trainer.gradient_clip_val=1.0), "
+                "Lower the learning rate (method.optimizer.lr), clip gradients (+trainer.gradient_clip_val=1.0), "
                 "or check the inputs for NaN or infinite values")
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
