@@ -48,6 +48,11 @@ class Diagnostic(abc.ABC):
     #: the figure of its scalars across a table's rows (None: none), e.g. Bars, StackedBars, Lines
     table_figure: TableFigure | None = None
 
+    def prepare(self, method: torch.nn.Module, datamodule: Any) -> None:
+        """Called with the run's datamodule before each :meth:`compute`, for a diagnostic that needs a split other
+        than the one it is computed on (e.g. a probe fitted on the training split, read through
+        ``datamodule.evaluation_view("train")``). Most need nothing here."""
+
     @abc.abstractmethod
     def compute(self, method: torch.nn.Module, dataloader: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """Runs the diagnostic; returns JSON-serialisable plain numbers (floats, ints, lists, nested dicts)."""

@@ -57,6 +57,7 @@ def run_diagnostics(
     method: torch.nn.Module,
     loader: Iterable[Any],
     progress: bool = True,
+    datamodule: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Computes every diagnostic on ``loader``; returns ``{name: result}``.
 
@@ -64,7 +65,7 @@ def run_diagnostics(
     result is ``{"error": message}``: the others still run and a finished training run is not lost to it. The
     global RNG states are restored afterwards, so a diagnostic that samples (permutations, masks, partners) leaves
     a training run exactly as it would be without it. Each diagnostic's time is logged; ``progress`` shows a bar
-    over the split's batches while one runs.
+    over the split's batches while one runs. With ``datamodule``, each diagnostic's ``prepare`` gets it first.
     """
     results = {}
     with isolated_rng():
@@ -72,6 +73,8 @@ def run_diagnostics(
             log.info("diagnostic %s ...", name)
             start = time.perf_counter()
             try:
+                if datamodule is not None:
+                    diagnostic.prepare(method, datamodule)
                 results[name] = diagnostic.compute(method, ProgressLoader(loader, name) if progress else loader)
             except Exception as error:  # noqa: BLE001 - reported in the outputs, the run goes on
                 log.error("diagnostic %s failed: %s: %s", name, type(error).__name__, error)
@@ -164,6 +167,7 @@ class DiagnosticsCallback(pl.Callback):
         if trainer.is_global_zero:
             epoch = trainer.current_epoch
             results = run_diagnostics(self.diagnostics, pl_module, full_split_loader(trainer.datamodule, "val"),
+                                      datamodule=trainer.datamodule,
                                       progress=trainer.progress_bar_callback is not None)
             scalars = self._scalars(results)
             for key, value in scalars.items():
@@ -180,6 +184,7 @@ class DiagnosticsCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         results = run_diagnostics(self.diagnostics, pl_module, full_split_loader(trainer.datamodule, "test"),
+                                  datamodule=trainer.datamodule,
                                   progress=trainer.progress_bar_callback is not None)
         for key, value in self._scalars(results).items():
             pl_module.log(f"test/{key}", value, on_epoch=True, on_step=False, rank_zero_only=True)
