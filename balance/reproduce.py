@@ -148,8 +148,9 @@ def load_table(table: str) -> tuple[str, list[Row]]:
         source_row = entry.get("evaluate_from")
         if source_row is not None and source_row not in {r.name for r in rows if r.evaluate_from is None}:
             raise ValueError(f"{path}: row {name!r} evaluates {source_row!r}, which is no trained row above it")
-        rows.append(Row(name, overrides, entry.get("reference"), entry.get("source"), source_row,
-                        entry.get("baseline", spec.get("baseline"))))
+        for variant, extra, reference in _variants(entry, name, path):
+            rows.append(Row(variant, [*overrides, *extra], reference, entry.get("source"), source_row,
+                            entry.get("baseline", spec.get("baseline"))))
     if not rows:
         raise ValueError(f"{path}: no rows")
     names = [r.name for r in rows]
@@ -159,6 +160,23 @@ def load_table(table: str) -> tuple[str, list[Row]]:
     if unknown:
         raise ValueError(f"{path}: baseline {unknown} names no row of the table ({names})")
     return spec.get("title", path.stem), rows
+
+
+def _variants(entry: dict, name: str, path: Path) -> list[tuple[str, list[str], float | None]]:
+    """The rows one table entry stands for: itself, or with ``for_each: {key: [v1, v2]}`` one row per value
+    (``<name>_<v>``, adding ``key=<v>``; a ``reference`` mapping gives each value its number), e.g. the unimodal
+    baseline of every modality from one entry."""
+    for_each = entry.get("for_each")
+    if for_each is None:
+        return [(name, [], entry.get("reference"))]
+    if not isinstance(for_each, dict) or len(for_each) != 1 or not isinstance(next(iter(for_each.values())), list):
+        raise ValueError(f"{path}: row {name!r}: for_each takes one key and a list of values, e.g. "
+                         "for_each: {method.modality: [audio, visual]}")
+    (key, values), = for_each.items()
+    references = entry.get("reference")
+    if references is not None and not isinstance(references, dict):
+        raise ValueError(f"{path}: row {name!r} has for_each, so its reference maps each value to a number")
+    return [(f"{name}_{value}", [f"{key}={value}"], (references or {}).get(value)) for value in values]
 
 
 def plan_runs(rows: list[Row], seeds: list[int], out: Path) -> list[Run]:

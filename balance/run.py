@@ -65,6 +65,10 @@ def build_model_config(cfg: DictConfig, datamodule: Any) -> DictConfig:
 def check_run_options(cfg: DictConfig) -> None:
     """Refuses, before anything is built, a data, model, method, trainer or diagnostics option that its class does
     not take or whose value does not fit its type (see :func:`balance.option_types.check_options`)."""
+    unset = [key for key in cfg.method if OmegaConf.is_missing(cfg.method, key)]
+    if unset:
+        raise ValueError(f"method.{', method.'.join(unset)} must be set for this method, e.g. "
+                         f"method.{unset[0]}=<value> (docs/methods/ says what it takes)")
     for key in ("data", "model", "method"):
         check_options(cfg[key], key)
     check_options(cfg.trainer, "trainer", packages=("pytorch_lightning",))

@@ -78,9 +78,13 @@ def test_fusion_config_runs(name):
     assert model(inputs).shape == (5, cfg.data.num_classes)
 
 
+# Values for the options a method requires (``???`` in its config).
+METHOD_REQUIRED = {"unimodal": ["method.modality=audio"]}
+
+
 @pytest.mark.parametrize("name", _configs("method"))
 def test_method_config_instantiates(name):
-    cfg = _compose(["data=avdigits", "model=avdigits", f"method={name}"])
+    cfg = _compose(["data=avdigits", "model=avdigits", f"method={name}", *METHOD_REQUIRED.get(name, [])])
     check_run_options(cfg)
     model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
     method = instantiate(cfg.method, model=model)

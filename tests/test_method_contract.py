@@ -24,6 +24,8 @@ MODALITIES = {2: ("m0", "m1"), 3: ("m0", "m1", "m2")}
 INFORMATIVENESS = {2: "[2.0,0.6]", 3: "[2.0,0.6,0.6]"}
 # Method options that delay a mechanism beyond a short test run, and the value that starts it at once.
 QUICK = {"warmup_epochs": 1, "modulation_starts": 0}
+# Values for the options a method requires (``???`` in its config).
+REQUIRED = {"modality": "m0"}
 EPOCHS = 4
 # The number of modalities the exact-resume half of the test runs with.
 RESUMED_MODALITIES = 2
@@ -41,7 +43,9 @@ def _overrides(method: str, num_modalities: int) -> list[str]:
         "trainer.enable_model_summary=false", "callbacks.contributions=null", "method.optimizer.lr=3.0e-3",
     ]
     method_cfg = compose_train(overrides).method
-    return overrides + [f"method.{key}={value}" for key, value in QUICK.items() if key in method_cfg]
+    # `in .keys()`: a mandatory `???` value is not `in` the node itself.
+    return overrides + [f"method.{key}={value}" for key, value in {**QUICK, **REQUIRED}.items()
+                        if key in method_cfg.keys()]
 
 
 def _same_class_as_joint(method: str) -> bool:

@@ -149,6 +149,21 @@ def test_row_evaluating_another_rows_checkpoints(tmp_path, capsys):
         main([str(path), "--seeds", "1", "--out", str(out), "--evaluate", "../x", "--", *TINY])
 
 
+def test_one_entry_stands_for_a_row_per_value(tmp_path):
+    path = tmp_path / "each.yaml"
+    path.write_text(yaml.safe_dump({"baseline": "joint", "rows": [
+        {"name": "joint", "overrides": ["method=joint"]},
+        {"name": "only", "overrides": ["method=unimodal"], "for_each": {"method.modality": ["audio", "visual"]},
+         "reference": {"audio": 55.0}}]}))
+    _, rows = load_table(str(path))
+    assert [(r.name, r.overrides, r.reference, r.baseline) for r in rows[1:]] == [
+        ("only_audio", ["method=unimodal", "method.modality=audio"], 55.0, "joint"),
+        ("only_visual", ["method=unimodal", "method.modality=visual"], None, "joint")]
+    path.write_text(yaml.safe_dump({"rows": [{"name": "only", "overrides": [], "for_each": ["audio"]}]}))
+    with pytest.raises(ValueError, match="for_each takes one key and a list of values"):
+        load_table(str(path))
+
+
 def test_evaluate_from_must_name_a_trained_row_above(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"rows": [{"name": "a", "evaluate_from": "b", "overrides": []},

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -86,7 +86,7 @@ class MultimodalMethod(pl.LightningModule):
         self.scheduler_factory = scheduler
         # nn.Module already has a `train` attribute, so the collections are named `<stage>_metrics`.
         for stage in STAGES:
-            setattr(self, f"{stage}_metrics", self._stage_metrics(model.num_classes))
+            setattr(self, f"{stage}_metrics", self._stage_metrics(model.num_classes, self.modalities))
             setattr(self, f"{stage}_method_metrics", nn.ModuleDict())
         self._generators: dict[str, torch.Generator] = {}
         self._generator_states: dict[str, torch.Tensor] = {}
@@ -97,12 +97,19 @@ class MultimodalMethod(pl.LightningModule):
         #: the epoch of the checkpoint last loaded (None before any), for reports of which epoch was evaluated
         self.loaded_epoch: int | None = None
 
-    def _stage_metrics(self, num_classes: int) -> MetricCollection:
+    def report_modalities(self, modalities: Sequence[str]) -> None:
+        """Reports ``acc_<m>`` only for ``modalities`` (default: all), for a method whose model predicts from
+        fewer modalities than the data has (``unimodal``): the others' own predictions would mean nothing."""
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", self._stage_metrics(self.model.num_classes, modalities))
+
+    @staticmethod
+    def _stage_metrics(num_classes: int, modalities: Sequence[str]) -> MetricCollection:
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
         }
-        metrics |= {f"acc_{m}": MulticlassAccuracy(num_classes, average="micro") for m in self.modalities}
+        metrics |= {f"acc_{m}": MulticlassAccuracy(num_classes, average="micro") for m in modalities}
         metrics["loss"] = MeanMetric()
         return MetricCollection(metrics)
 

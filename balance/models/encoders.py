@@ -205,3 +205,22 @@ class TextEncoder(nn.Module):
 def replicate(encoder: Callable[[], nn.Module], modalities: Sequence[str]) -> dict[str, nn.Module]:
     """One fresh encoder per modality from one partial config (e.g. the same MLP for every synthetic modality)."""
     return {modality: encoder() for modality in modalities}
+
+
+class AbsentEncoder(nn.Module):
+    """Stands in for the encoder of a modality the model does not use: zero features ``[B, out_dim]``, no
+    parameters, the input never read. A fusion head then sees the modality as dropped (zero features), everywhere:
+    training, evaluation, valuation and diagnostics.
+
+    Args:
+        out_dim: the feature size the fusion head expects for the modality.
+    """
+
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        # Follows the model's device and dtype (a buffer moves with it), so the zeros match the other features.
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.anchor.new_zeros(len(x), self.out_dim)
