@@ -38,6 +38,8 @@ DATA = ["data=avdigits", "model=avdigits", "callbacks.contributions=null"]
 BASELINE = "joint"
 # Options that would keep a mechanism idle in epoch 0, and the value that makes it act there.
 ACTIVE = {"warmup_epochs": 0, "modulation_starts": 0}
+# Values for the options a method requires (``???`` in its config).
+REQUIRED = {"modality": "audio"}
 
 
 def method_overrides() -> dict[str, list[str]]:
@@ -46,7 +48,9 @@ def method_overrides() -> dict[str, list[str]]:
     for path in sorted((CONF / "method").glob("*.yaml")):
         overrides = [*DATA, f"method={path.stem}"]
         cfg = load_config(overrides).method
-        variants[path.stem] = overrides + [f"method.{k}={v}" for k, v in ACTIVE.items() if k in cfg]
+        # `in .keys()`: a mandatory `???` value is not `in` the node itself.
+        variants[path.stem] = overrides + [f"method.{k}={v}" for k, v in {**ACTIVE, **REQUIRED}.items()
+                                           if k in cfg.keys()]
     return variants
 
 
