@@ -51,6 +51,8 @@ MODULATIONS = {
     "agm": ([*SYNTHETIC, "method.modulation_starts=0"], "coeff", lambda values: len(values) > 0),
     "pmr": ([*SYNTHETIC], "coeff", lambda values: len(values) > 0),
     "opm": ([*SYNTHETIC, "method.modulation_starts=0"], "drop_prob", lambda values: max(values) > 0.0),
+    # The loss history is a buffer: equal on both ranks only if each adds every rank's samples.
+    "qmf": ([*SYNTHETIC], "confidence", lambda values: len(values) > 0),
 }
 
 

@@ -122,7 +122,7 @@ class MultimodalMethod(pl.LightningModule):
         """The shared forward pass: every encoder once, the fused logits (missing modalities dropped by
         ``present``), each modality's own logits, and the method's loss terms."""
         features = self.encode_batch(batch)
-        step = Step(batch, batch_idx, features, self.model.fuse(features, keep=batch.get("present")),
+        step = Step(batch, batch_idx, features, self.fuse(features, keep=batch.get("present")),
                     self.unimodal_logits(features))
         step.losses = dict(self.loss_terms(step))
         return step
@@ -319,10 +319,17 @@ class MultimodalMethod(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_epoch_metrics("test")
 
+    def fuse(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused logits of training (and of evaluation, unless :meth:`fused_logits` says otherwise): the
+        model's fusion head here; a method whose fusion is its own (e.g. QMF's confidence-weighted sum of the
+        modalities' logits) overrides it."""
+        return self.model.fuse(features, keep)
+
     def fused_logits(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         """The method's prediction (fused logits) from encoded features; ``keep`` (``BoolTensor[B, M]``) drops
-        modalities by zeroing their features. Diagnostics evaluate every method through this."""
-        return self.model.fuse(features, keep)
+        modalities by zeroing their features. Diagnostics evaluate every method through this. It is
+        :meth:`fuse` unless a method predicts otherwise at test time (MLA's entropy-weighted fusion)."""
+        return self.fuse(features, keep)
 
     def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         """Logs the batch's metrics; returns ``{"loss", "features"}``: the encoded features go to the callbacks'
