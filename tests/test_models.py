@@ -16,6 +16,7 @@ from torch import nn
 
 from balance.models import (
     ConcatFusion,
+    CosineFusion,
     FiLMFusion,
     GatedFusion,
     LateFusion,
@@ -217,6 +218,7 @@ FUSIONS: dict[str, tuple[Callable[..., nn.Module], bool]] = {
     "film": (partial(FiLMFusion, hidden_dim=8), False),
     "gated": (partial(GatedFusion, hidden_dim=8), False),
     "shared": (SharedHead, True),
+    "cosine": (CosineFusion, False),
 }
 
 UNEQUAL_DIMS = {2: {"audio": 5, "visual": 7}, 3: {"audio": 5, "visual": 7, "text": 3}}
@@ -493,7 +495,7 @@ def test_modality_parameters_partition_the_model(name: str, num_modalities: int)
     assert not set().union(*owned.values()) & shared
     # The head's per-modality blocks where the head has them; none for concat and the shared head.
     head_owned = {id(p) for m in dims for p in model.fusion.modality_parameters(m)}
-    assert (len(head_owned) > 0) == (name in ("sum", "late", "film", "gated"))
+    assert (len(head_owned) > 0) == (name in ("sum", "late", "film", "gated", "cosine"))
 
 
 def test_modality_parameters_refuse_an_unknown_modality() -> None:

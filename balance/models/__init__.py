@@ -3,6 +3,7 @@
 from balance.models.encoders import MLPEncoder, ResNet18Encoder, SmallCNNEncoder, TextEncoder, replicate
 from balance.models.fusion import (
     ConcatFusion,
+    CosineFusion,
     FiLMFusion,
     FusionHead,
     GatedFusion,
@@ -15,6 +16,7 @@ from balance.models.multimodal import MultimodalModel
 
 __all__ = [
     "ConcatFusion",
+    "CosineFusion",
     "FiLMFusion",
     "FusionHead",
     "GatedFusion",

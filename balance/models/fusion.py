@@ -200,3 +200,53 @@ class SharedHead(FusionHead):
 
     def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
         return self.linear.weight, slice(None)
+
+
+class CosineFusion(FusionHead):
+    """MMCosine's head (Xu et al., ICASSP 2023): per modality, class weights ``W_m`` (``[C, d_m]``, no bias) and
+    logits ``z_m = scale * cos(h_m, W_m[k])`` for every class ``k``, the features and each class's weight row
+    L2-normalised; the fused logits are their sum ``sum_m z_m``.
+
+    Each modality's logits are bounded by ``scale`` whatever its feature norm, so a modality cannot outweigh the
+    others in the sum by growing its features. A dropped modality's zeroed features give 0 logits (its cosine is
+    taken as 0). ``scale`` is a plain attribute: ``method=mmcosine`` sets it from ``method.scale``.
+
+    Args:
+        scale: the factor ``s`` on every cosine (official 10).
+    """
+
+    def __init__(self, feature_dims: Mapping[str, int], num_classes: int, scale: float = 10.0) -> None:
+        super().__init__(feature_dims, num_classes)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"model.fusion.scale must be a number > 0, got {scale!r}")
+        self.scale = float(scale)
+        # The official code reads each modality's weights off one nn.Linear over the concatenated features, so they
+        # start as that layer does: U(-1/sqrt(D), 1/sqrt(D)) with D the summed feature size. Only their direction
+        # enters the logits, but their norm sets the effective step size of plain SGD.
+        bound = sum(feature_dims.values()) ** -0.5
+        self.weights = nn.ParameterDict({m: nn.Parameter(torch.empty(num_classes, d).uniform_(-bound, bound))
+                                         for m, d in feature_dims.items()})
+
+    @staticmethod
+    def unit_rows(x: torch.Tensor) -> torch.Tensor:
+        """``x`` with every row (last dimension) scaled to unit L2 norm; an all-zero row stays zero."""
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        # Dividing an all-zero row by 1 gives 0 logits and a bounded gradient; F.normalize's eps would give a
+        # 1 / eps gradient there, which overflows in half precision (and 0 * inf is NaN).
+        return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+    def cosines(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's ``[B, C]`` cosines between its features and its class weights (unscaled)."""
+        return {m: self.unit_rows(features[m]) @ self.unit_rows(self.weights[m]).T for m in self.modalities}
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.unimodal_logits(features).values())).sum(0)
+
+    def unimodal_logits(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.scale * c for m, c in self.cosines(features).items()}
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        return [self.weights[modality]]
+
+    def output_weight(self, modality: str) -> tuple[nn.Parameter, slice] | None:
+        return self.weights[modality], slice(None)
