@@ -9,7 +9,9 @@ A table is a YAML file (``conf/reproduce/<name>.yaml``, or any path) naming its 
         reference: 72.30            # test accuracy, %
         source: BalanceBenchmark reproduction
 
-A row (or the whole table) may name a ``baseline`` row: the table then adds each row's difference from it paired
+A row may give both an ``experiment`` and ``overrides`` on top of it (e.g. UMT's teachers: the unimodal rows'
+runs of the same seed, ``'${run_dir}/../../<row>/seed${seed}'``). A row (or the whole table) may name a
+``baseline`` row: the table then adds each row's difference from it paired
 by seed, with a 95 % t interval (:mod:`balance.paired`), and ``figures/paired.png``.
 
 A row with ``evaluate_from: <row above>`` trains nothing: its runs evaluate that row's selected checkpoints, seed
@@ -139,9 +141,11 @@ def load_table(table: str) -> tuple[str, list[Row]]:
     spec = yaml.safe_load(path.read_text())
     rows = []
     for number, entry in enumerate(spec.get("rows") or [], start=1):
-        if ("experiment" in entry) == ("overrides" in entry):
-            raise ValueError(f"{path}: row {number} needs exactly one of `experiment` and `overrides`")
-        overrides = [f"experiment={entry['experiment']}"] if "experiment" in entry else list(entry["overrides"])
+        if "experiment" not in entry and "overrides" not in entry:
+            raise ValueError(f"{path}: row {number} needs an `experiment` or `overrides` (or both: the overrides then "
+                             "apply on top of the experiment)")
+        overrides = [f"experiment={entry['experiment']}"] if "experiment" in entry else []
+        overrides += list(entry.get("overrides") or [])
         name = entry.get("name") or entry.get("experiment")
         if not name:
             raise ValueError(f"{path}: row {number} gives overrides, so it needs a `name`")

@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from balance.checkpoints import read_checkpoint
 from balance.console import console_callbacks
 from balance.diagnostics import DiagnosticsCallback
 from balance.methods import MultimodalMethod
@@ -213,21 +213,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                          f"method): {str(error).splitlines()[0]} Evaluate with the run's own config "
                          "(evaluate.use_run_config=true, the default) or give the data/model/method it was trained "
                          "with") from error
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path``, loaded on the CPU; a missing, empty, truncated or foreign file is refused with its
-    path and size."""
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises EOFError, RuntimeError, UnpicklingError, OSError
-        raise ValueError(f"ckpt_path {path} ({path.stat().st_size} bytes) is truncated or not a checkpoint: "
-                         f"{type(error).__name__}: {error}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"ckpt_path {path} is not a Lightning checkpoint (it holds no state_dict)")
-    return checkpoint
 
 
 def _with_training_config(cfg: DictConfig, path: Path, checkpoint: Mapping[str, Any]) -> DictConfig:

@@ -19,7 +19,9 @@ work a method adds besides its arithmetic.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import tempfile
 import statistics
 import sys
 import time
@@ -29,7 +31,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from common import CONF, add_machine_arguments, apply_machine_arguments, load_config, load_line, machine, quiet  # noqa: E402,E501
 from balance.run import build_datamodule, build_model_config  # noqa: E402
@@ -51,7 +55,26 @@ def method_overrides() -> dict[str, list[str]]:
         # `in .keys()`: a mandatory `???` value is not `in` the node itself.
         variants[path.stem] = overrides + [f"method.{k}={v}" for k, v in {**ACTIVE, **REQUIRED}.items()
                                            if k in cfg.keys()]
+        if "teachers" in cfg.keys():
+            variants[path.stem].append(f"method.teachers={untrained_teachers()}")
     return variants
+
+
+@functools.lru_cache
+def untrained_teachers() -> str:
+    """``{m: <ckpt>}``: an untrained unimodal model per modality (UMT's teachers; their weights do not change the
+    cost), saved with what a trained run's checkpoint holds for them."""
+    directory = Path(tempfile.mkdtemp(prefix="balance-teachers-"))
+    teachers = {}
+    datamodule = build_datamodule(load_config(DATA))
+    for m in datamodule.modalities:
+        cfg = load_config([*DATA, "method=unimodal", f"method.modality={m}"])
+        model = instantiate(build_model_config(cfg, datamodule))
+        method = instantiate(cfg.method, model=model)
+        torch.save({"state_dict": method.state_dict(),
+                    "run_config": {"method": OmegaConf.to_container(cfg.method, resolve=True)}}, directory / f"{m}.ckpt")
+        teachers[m] = directory / f"{m}.ckpt"
+    return "{" + ", ".join(f"{m}: {path}" for m, path in teachers.items()) + "}"
 
 
 class PassCounter:

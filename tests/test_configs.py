@@ -78,13 +78,20 @@ def test_fusion_config_runs(name):
     assert model(inputs).shape == (5, cfg.data.num_classes)
 
 
-# Values for the options a method requires (``???`` in its config).
-METHOD_REQUIRED = {"unimodal": ["method.modality=audio"]}
+# Values for the options a method requires (``???`` in its config); building reads no files.
+REQUIRED_VALUES = {"modality": "audio", "teachers": "{audio: /runs/audio_only, visual: /runs/visual_only}"}
+
+
+def _with_required(overrides: list[str], run_dir=None):
+    """``_compose(overrides)``, with a value for each method option the configs leave required."""
+    cfg = _compose(overrides, run_dir=run_dir)
+    unset = [key for key in cfg.method.keys() if OmegaConf.is_missing(cfg.method, key)]
+    return _compose([*overrides, *(f"method.{key}={REQUIRED_VALUES[key]}" for key in unset)], run_dir=run_dir)
 
 
 @pytest.mark.parametrize("name", _configs("method"))
 def test_method_config_instantiates(name):
-    cfg = _compose(["data=avdigits", "model=avdigits", f"method={name}", *METHOD_REQUIRED.get(name, [])])
+    cfg = _with_required(["data=avdigits", "model=avdigits", f"method={name}"])
     check_run_options(cfg)
     model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
     method = instantiate(cfg.method, model=model)
@@ -145,7 +152,7 @@ def test_experiment_config_instantiates(name, tmp_path):
     header = text.split("\n\n")[0]
     assert re.search(rf"^# python train.py experiment={re.escape(name)}( |$)", header, re.M), \
         "an experiment starts with its command"
-    cfg = _compose([f"experiment={name}"], run_dir=tmp_path)
+    cfg = _with_required([f"experiment={name}"], run_dir=tmp_path)
     check_run_options(cfg)
     model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
     method = instantiate(cfg.method, model=model)

@@ -9,6 +9,8 @@ kernels run too; ``QUICK`` shortens warm-ups so that every mechanism is active w
 """
 
 import csv
+import functools
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,9 +45,21 @@ def _overrides(method: str, num_modalities: int) -> list[str]:
         "trainer.enable_model_summary=false", "callbacks.contributions=null", "method.optimizer.lr=3.0e-3",
     ]
     method_cfg = compose_train(overrides).method
+    if "teachers" in method_cfg.keys():  # UMT: the unimodal runs it distils from
+        overrides.append(f"method.teachers={_teacher_runs(num_modalities)}")
     # `in .keys()`: a mandatory `???` value is not `in` the node itself.
     return overrides + [f"method.{key}={value}" for key, value in {**QUICK, **REQUIRED}.items()
                         if key in method_cfg.keys()]
+
+
+@functools.lru_cache
+def _teacher_runs(num_modalities: int) -> str:
+    """``{m: <run dir>}`` of a short unimodal run per modality on the contract's data and model, trained once."""
+    root = Path(tempfile.mkdtemp(prefix="balance-teachers-"))
+    for m in MODALITIES[num_modalities]:
+        overrides = [o for o in _overrides("unimodal", num_modalities) if not o.startswith("method.modality=")]
+        train(compose_train([*overrides, f"method.modality={m}", "trainer.max_epochs=1"], run_dir=root / m))
+    return "{" + ", ".join(f"{m}: {root / m}" for m in MODALITIES[num_modalities]) + "}"
 
 
 def _same_class_as_joint(method: str) -> bool:

@@ -3,6 +3,7 @@ agree with the experiment files' reference comments."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -162,6 +163,21 @@ def test_one_entry_stands_for_a_row_per_value(tmp_path):
     path.write_text(yaml.safe_dump({"rows": [{"name": "only", "overrides": [], "for_each": ["audio"]}]}))
     with pytest.raises(ValueError, match="for_each takes one key and a list of values"):
         load_table(str(path))
+
+
+def test_a_umt_row_distils_from_the_unimodal_rows_of_its_seed(tmp_path):
+    path = tmp_path / "teachers.yaml"
+    teachers = "{m0: '${run_dir}/../../only_m0/seed${seed}', m1: '${run_dir}/../../only_m1/seed${seed}'}"
+    path.write_text(yaml.safe_dump({"rows": [
+        {"name": "only", "overrides": ["method=unimodal"], "for_each": {"method.modality": ["m0", "m1"]}},
+        {"name": "umt", "overrides": ["method=umt", f"method.teachers={teachers}"]}]}))
+    out = tmp_path / "out"
+    main([str(path), "--seeds", "1", "--out", str(out), "--", *TINY])
+    log = (out / "umt" / "seed0" / "train.log").read_text()
+    for m in ("m0", "m1"):
+        selected = json.loads((out / f"only_{m}" / "seed0" / "results.json").read_text())["best_checkpoint"]
+        assert f"UMT: {m} teacher from {Path(selected)}" in log.replace("/umt/seed0/../../", "/")
+    assert json.loads((out / "table.json").read_text())["rows"]["umt"]["seeds"] == [0]
 
 
 def test_evaluate_from_must_name_a_trained_row_above(tmp_path):
