@@ -122,9 +122,9 @@ def test_no_prototypical_loss_outside_the_modulation_epochs():
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("alpha", 0.0, "alpha must be > 0"),
-    ("prototype_momentum", 1.0, r"prototype_momentum must be in \[0, 1\)"),
-    ("prototype_fraction", 0.0, r"prototype_fraction must be in \(0, 1\]"),
+    ("alpha", 0.0, "method.alpha must be a number > 0"),
+    ("prototype_momentum", 1.0, r"method.prototype_momentum must be a number in \[0, 1\)"),
+    ("prototype_fraction", 0.0, r"method.prototype_fraction must be a number in \(0, 1\]"),
     ("modulation_ends", -1, "ends at an epoch >= its start"),
 ])
 def test_invalid_options_are_refused(option, value, message):
