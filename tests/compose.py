@@ -104,3 +104,16 @@ def fit_and_measure_encoders(overrides: list[str], epochs: int, run_dir: Path | 
                     if n.startswith(f"model.encoders.{m}.") and (p.dim() == 4 or not kernels_only))
              for m in method.modalities}
     return moved, trainer, datamodule, method
+
+
+def held_out_accuracy(datamodule, method, modality: str) -> float:
+    """The modality's own accuracy (its ``acc_<m>`` logits) over the validation and test splits together."""
+    method.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for loader in (datamodule.val_dataloader(), datamodule.test_dataloader()):
+            for batch in loader:
+                logits = method.unimodal_logits(method.model.encode(batch["inputs"]))[modality]
+                correct += int((logits.argmax(1) == batch["label"]).sum())
+                total += len(batch["label"])
+    return correct / total

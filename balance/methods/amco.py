@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from balance.dropping import drop_features
 from balance.methods import options
-from balance.methods.base import MultimodalMethod
+from balance.methods.base import MultimodalMethod, mean_over_present
 from balance.methods.epochs import EpochWindow
 from balance.methods.step import Step
 from balance.models.fusion import ConcatFusion, LateFusion, SumFusion
@@ -217,15 +217,9 @@ class AMCo(MultimodalMethod):
     def _present_cross_entropies(logits: Mapping[str, torch.Tensor], labels: torch.Tensor,
                                  present: torch.Tensor | None) -> list[torch.Tensor]:
         """Each modality's cross-entropy over the samples that have it (0 where none has)."""
-        losses = []
-        for i, z in enumerate(logits.values()):
-            loss = F.cross_entropy(z, labels, reduction="none")
-            if present is None:
-                losses.append(loss.mean())
-                continue
-            weight = present[:, i].to(loss)
-            losses.append((loss * weight).sum() / weight.sum().clamp_min(1))
-        return losses
+        return [mean_over_present(F.cross_entropy(z, labels, reduction="none"),
+                                  None if present is None else present[:, i])[0]
+                for i, z in enumerate(logits.values())]
 
     def observe_step(self, step: Step) -> None:
         if self.current_epoch not in self.window:

@@ -49,6 +49,16 @@ PLATEAU_MONITOR = "val/loss"
 log = logging.getLogger(__name__)
 
 
+def mean_over_present(values: torch.Tensor, present: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, count)`` of per-sample ``values`` ``[B]`` over the samples where ``present`` (``[B]`` bool; every
+    sample when ``None``); the mean is 0 when no sample has the modality. No host sync: the count stays a tensor."""
+    if present is None:
+        return values.mean(), torch.tensor(float(len(values)), device=values.device)
+    mask = present.to(values)
+    count = mask.sum()
+    return (values * mask).sum() / count.clamp_min(1.0), count
+
+
 class MultimodalMethod(pl.LightningModule):
     """Base of every method: holds the model and logs, per epoch and stage, fused accuracy, each modality's
     accuracy (through ``model.unimodal_logits``), macro-F1 and the loss, as ``<stage>/acc``,
@@ -146,12 +156,9 @@ class MultimodalMethod(pl.LightningModule):
         """Each modality's cross-entropy on its own logits, over the samples where it is present (a missing
         modality's zeroed input has nothing to teach its own branch); 0 for a modality absent from the batch."""
         present = step.batch.get("present")
-        losses = {}
-        for i, (m, logits) in enumerate(step.unimodal_logits.items()):
-            loss = F.cross_entropy(logits, step.labels, reduction="none")
-            mask = torch.ones_like(loss) if present is None else present[:, i].to(loss)
-            losses[m] = (loss * mask).sum() / mask.sum().clamp_min(1)
-        return losses
+        return {m: mean_over_present(F.cross_entropy(logits, step.labels, reduction="none"),
+                                     None if present is None else present[:, i])[0]
+                for i, (m, logits) in enumerate(step.unimodal_logits.items())}
 
     def observe_step(self, step: Step) -> None:
         """Called every training step with the step's object (after its loss terms, before backward); does
@@ -231,6 +238,15 @@ class MultimodalMethod(pl.LightningModule):
             raise KeyError(f"method metric {stage}/{name} was not declared (declare_metric in __init__)") from None
         value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
         metric.update(value, weight=torch.as_tensor(weight, dtype=torch.float32, device=self.device))
+
+    def record_over_present(self, name: str, values: torch.Tensor, present: torch.Tensor | None,
+                            stage: str = "train") -> torch.Tensor:
+        """Records the mean of per-sample ``values`` over the samples that have the modality (``present``, its
+        ``[B]`` column of the batch's mask; every sample when ``None``), weighted by their number, and returns that
+        mean with its graph (a loss term can be the recorded quantity)."""
+        mean, count = mean_over_present(values, present)
+        self.record(name, mean, stage, weight=count)
+        return mean
 
     # -- the method's random generator ----------------------------------------------------------------------------
 

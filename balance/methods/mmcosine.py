@@ -131,12 +131,7 @@ class MMCosine(JointTraining):
         scale = self.model.fusion.scale
         for i, (m, logits) in enumerate(unimodal_logits.items()):
             true = logits.detach().gather(1, labels.unsqueeze(1)).squeeze(1) / scale
-            if present is None:
-                self.record(f"cos_{m}", true.mean(), stage, weight=len(true))
-                continue
-            # Weighted by the samples that have the modality (no host sync on the count).
-            count = present[:, i].to(true).sum()
-            self.record(f"cos_{m}", (true * present[:, i]).sum() / count.clamp_min(1.0), stage, weight=count)
+            self.record_over_present(f"cos_{m}", true, None if present is None else present[:, i], stage)
 
     def fused_logits(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         if self.prediction == "cosine":

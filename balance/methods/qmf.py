@@ -141,7 +141,8 @@ class QMF(MultimodalMethod):
                                            None if present is None else present[:, i], self.margin)
                       for i, m in enumerate(self.modalities))
         for i, m in enumerate(self.modalities):
-            self._record_confidence(m, confidence[m], None if present is None else present[:, i], "train")
+            self.record_over_present(f"confidence_{m}", confidence[m].detach(),
+                                     None if present is None else present[:, i])
         terms = {"unimodal": sum(self.unimodal_losses(step).values()), "rank": self.rank_weight * ranking}
         if self.fused_loss_weight:
             terms["fused"] = self.fused_loss_weight * F.cross_entropy(step.logits, step.labels)
@@ -158,20 +159,11 @@ class QMF(MultimodalMethod):
             index, losses = self.all_gather(index).flatten(0, 1), self.all_gather(losses).flatten(0, 1)
         self.loss_history.index_add_(0, index.to(self.loss_history.device), losses.to(self.loss_history))
 
-    def _record_confidence(self, modality: str, confidence: torch.Tensor, present: torch.Tensor | None,
-                           stage: str) -> None:
-        values = confidence.detach()
-        if present is None:
-            self.record(f"confidence_{modality}", values.mean(), stage, weight=len(values))
-            return
-        count = present.to(values).sum()
-        self.record(f"confidence_{modality}", (values * present).sum() / count.clamp_min(1.0), stage, weight=count)
-
     def evaluation_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         outputs = super().evaluation_step(batch, stage)
         if stage == "val":
             present = batch.get("present")
             for i, (m, logits) in enumerate(self.model.unimodal_logits(outputs["features"]).items()):
-                self._record_confidence(m, energy_confidence(logits, self.temperature),
-                                        None if present is None else present[:, i], stage)
+                self.record_over_present(f"confidence_{m}", energy_confidence(logits, self.temperature),
+                                         None if present is None else present[:, i], stage)
         return outputs

@@ -96,13 +96,7 @@ class UniModalTeachers(JointTraining):
         for i, m in enumerate(self.modalities):
             target = self.teacher_features(m, step.batch["inputs"][m])
             per_sample = F.mse_loss(step.features[m], target, reduction="none").mean(dim=1)
-            if present is None:
-                error = per_sample.mean()
-                self.record(f"distill_{m}", error.detach(), weight=len(per_sample))
-            else:
-                mask = present[:, i].to(per_sample)
-                error = (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
-                self.record(f"distill_{m}", error.detach(), weight=mask.sum())
-            distill = distill + error
+            distill = distill + self.record_over_present(f"distill_{m}", per_sample,
+                                                         None if present is None else present[:, i])
         terms["distill"] = self.distill_weight * distill
         return terms
