@@ -17,28 +17,6 @@ from compose import SYNTHETIC, compose_train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_evaluation_matches_single_process(tmp_path):
-    # 1,991 samples: odd-sized evaluation splits, which DistributedSampler would pad with duplicates.
-    overrides = [*SYNTHETIC, "data.num_samples=1991", "trainer.max_epochs=2"]
-    out = subprocess.run(
-        [sys.executable, "train.py", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.sync_batchnorm=false", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-
-    cfg = compose_train(overrides, run_dir=tmp_path / "single")
-    datamodule, method = build(cfg)
-    assert len(datamodule.datasets["test"]) % 2 == 1
-    state = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
-    method.load_state_dict(state)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    single = trainer.test(method, datamodule=datamodule, verbose=False)[0]
-    for name in ("acc", "acc_m0", "acc_m1", "f1"):
-        assert abs(single[f"test/{name}"] - results["test"][name]) < 1e-6, name
-
-
 IMAGES = ["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", "trainer.enable_progress_bar=false",
           "trainer.enable_model_summary=false"]
 # Per method: its overrides and a logged quantity whose presence (or value) shows that its mechanism acted.
@@ -56,23 +34,51 @@ MODULATIONS = {
 }
 
 
+# 1,991 samples: odd-sized evaluation splits, which DistributedSampler would pad with duplicates.
+EVALUATED = [*SYNTHETIC, "data.num_samples=1991", "trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Joint training on EVALUATED (``evaluated/``) and every method of MODULATIONS for an epoch (``<method>/``,
+    with each rank's final state in ``ranks/``), trained under DDP in one launch (ddp_methods.py)."""
+    root = tmp_path_factory.mktemp("ddp_runs")
+    runs = {str(root / "evaluated"): EVALUATED}
+    for method, (base, _, _) in MODULATIONS.items():
+        runs[str(root / method)] = [
+            *base, f"method={method}", "data.num_samples=600", "trainer.max_epochs=1",
+            f"+callbacks.rank_dump={{_target_:ddp_probe.RankStateDump,directory:{root / method / 'ranks'}}}"]
+    (root / "runs.json").write_text(json.dumps(runs))
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_methods.py"), str(root / "runs.json")],
+        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "tests")},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+def test_ddp_evaluation_matches_single_process(ddp_runs, tmp_path):
+    results = json.loads((ddp_runs / "evaluated" / "results.json").read_text())
+    datamodule, method = build(compose_train(EVALUATED, run_dir=tmp_path))
+    assert len(datamodule.datasets["test"]) % 2 == 1
+    state = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    method.load_state_dict(state)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.test(method, datamodule=datamodule, verbose=False)[0]
+    for name in ("acc", "acc_m0", "acc_m1", "f1"):
+        assert abs(single[f"test/{name}"] - results["test"][name]) < 1e-6, name
+
+
 @pytest.mark.parametrize("method", sorted(MODULATIONS))
-def test_gradient_modulation_is_the_same_on_every_rank(method, tmp_path):
+def test_gradient_modulation_is_the_same_on_every_rank(method, ddp_runs):
     # What decides a modification comes from each rank's batch (scores, accuracies, speeds) and noise from the
     # method's generator: unless the deciding values are reduced over the ranks (or computed from the averaged
     # gradients) and the noise is drawn alike, the ranks' weights and method state drift apart.
-    base, quantity, acted = MODULATIONS[method]
-    overrides = [*base, f"method={method}", "data.num_samples=600", "trainer.max_epochs=1",
-                 f"+callbacks.rank_dump={{_target_:ddp_probe.RankStateDump,directory:{tmp_path / 'ranks'}}}"]
-    out = subprocess.run(
-        [sys.executable, "train.py", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.sync_batchnorm=false", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "tests")},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    _, quantity, acted = MODULATIONS[method]
+    run = ddp_runs / method
+    rank0, rank1 = (torch.load(run / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     values = [float(r[f"train/{quantity}_{m}"]) for r in rows for m in ("m0", "m1") if r.get(f"train/{quantity}_{m}")]
     assert acted(values), values  # the mechanism acted
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
