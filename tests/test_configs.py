@@ -145,6 +145,14 @@ def test_all_diagnostics_select_together():
     assert sorted(cfg.get("diagnostics") or {}) == sorted(names)
 
 
+def _build_method(cfg):
+    """The config's model and method, built with their weights on the meta device (no memory, no initialisation
+    work: what is checked is that they build, not their values)."""
+    with torch.device("meta"):
+        model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
+        return instantiate(cfg.method, model=model)
+
+
 @pytest.mark.parametrize("name", _configs("experiment", nested=True))
 def test_experiment_config_instantiates(name, tmp_path):
     """Composes, names its command in its first line, and builds its data (constructor), model and method."""
@@ -154,9 +162,7 @@ def test_experiment_config_instantiates(name, tmp_path):
         "an experiment starts with its command"
     cfg = _with_required([f"experiment={name}"], run_dir=tmp_path)
     check_run_options(cfg)
-    model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
-    method = instantiate(cfg.method, model=model)
-    assert method.configure_optimizers() is not None
+    assert _build_method(cfg).configure_optimizers() is not None
     assert OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -168,9 +174,7 @@ def test_every_table_row_composes_and_builds_its_method(name, tmp_path):
     for row in load_table(name)[1]:
         cfg = _compose(row.overrides, run_dir=tmp_path)
         check_run_options(cfg)
-        model = instantiate(build_model_config(cfg, _FakeData(cfg.data)))
-        method = instantiate(cfg.method, model=model)
-        assert method.configure_optimizers() is not None, row.name
+        assert _build_method(cfg).configure_optimizers() is not None, row.name
 
 
 def test_every_recipe_is_used_by_an_experiment():
