@@ -390,7 +390,9 @@ class MultimodalMethod(pl.LightningModule):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
             "python": random.getstate(),
         }
-        checkpoint["method_generators"] = {key: g.get_state() for key, g in self._generators.items()}
+        # States restored but not drawn from since are saved too, or a resume of the resume would reseed them.
+        checkpoint["method_generators"] = {**self._generator_states,
+                                           **{key: g.get_state() for key, g in self._generators.items()}}
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
 
