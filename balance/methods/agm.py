@@ -119,12 +119,12 @@ class AGM(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "AGM compares modalities"
+
     def __init__(self, alpha: float = 1.0, modulation_starts: int = 0, modulation_ends: int | None = 19,
                  clamp: float | None = 10.0, clip_threshold: float | None = 1.0, absent: str = "inputs",
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(self.modalities) < 2:
-            raise ValueError(f"AGM compares modalities: it needs at least two, the model has {self.modalities}")
         options.positive("alpha", alpha)
         for name, value in (("clamp", clamp), ("clip_threshold", clip_threshold)):
             options.positive(name, value, optional=True)

@@ -120,13 +120,12 @@ class AMCo(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "AMCo masks the modality the model depends on among others"
+
     def __init__(self, sigma: float = 0.5, eps: float = 0.3, schedule: str = "port",
                  unimodal_logits: str = "masked", modulation_starts: int = 0, modulation_ends: int | None = None,
                  init: str = "identity", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(self.modalities) < 2:
-            raise ValueError(f"AMCo masks the modality the model depends on among others: it needs at least two "
-                             f"modalities, the model has {self.modalities}")
         head = self.model.fusion
         if not isinstance(head, PER_MODALITY_HEADS):
             raise ValueError(f"AMCo sums each modality's own logits, which needs a head with per-modality linear "

@@ -19,7 +19,8 @@ The contract a method writes against (each part is optional):
 - ``trainer_settings``: trainer attributes the method needs (e.g. reloading the training loader every epoch);
   the base sets them when the run starts and says so.
 - ``max_modalities``: a method defined only for so many modalities (and with no generalisation) sets it, and is
-  refused at build time for more.
+  refused at build time for more; ``needs_several_modalities``: a method that works between modalities says why,
+  and is refused at build time for a single one.
 - ``parameter_groups()``: the optimizer's parameter groups (one by default), for parts that train with their own
   learning rate or weight decay.
 """
@@ -79,6 +80,8 @@ class MultimodalMethod(pl.LightningModule):
     trainer_settings: ClassVar[Mapping[str, Any]] = {}
     #: the most modalities the method is defined for (``None``: any number)
     max_modalities: ClassVar[int | None] = None
+    #: why the method needs at least two modalities (e.g. "AGM compares modalities"); ``None``: one is enough
+    needs_several_modalities: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -90,6 +93,9 @@ class MultimodalMethod(pl.LightningModule):
         if self.max_modalities is not None and len(model.modalities) > self.max_modalities:
             raise ValueError(f"{type(self).__name__} is defined for at most {self.max_modalities} modalities; the "
                              f"model has {len(model.modalities)} ({list(model.modalities)})")
+        if self.needs_several_modalities is not None and len(model.modalities) < 2:
+            raise ValueError(f"{self.needs_several_modalities}: it needs at least two modalities, the model has "
+                             f"{list(model.modalities)}")
         self.model = model
         self.modalities = list(model.modalities)
         self.optimizer_factory = optimizer

@@ -91,13 +91,13 @@ class CGGM(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "CGGM balances modalities"
+
     def __init__(self, rho: float = 1.3, lamda: float = 0.05, direction: str = "gradients",
                  classifier_lr: float = 5e-4, classifier_weight_decay: float = 3e-3, classifier_layers: int = 1,
                  clip: float | None = 0.8, eps: float = 1e-8, max_coefficient: float | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(self.modalities) < 2:
-            raise ValueError(f"CGGM balances modalities: it needs at least two, the model has {self.modalities}")
         for name, value in (("rho", rho), ("classifier_lr", classifier_lr), ("eps", eps)):
             options.positive(name, value)
         for name, value in (("lamda", lamda), ("classifier_weight_decay", classifier_weight_decay)):

@@ -100,6 +100,8 @@ class CML(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "method=cml removes modalities one at a time"
+
     def __init__(self, penalty_weight: float = 0.1, order: str = "sample", hinge: str = "sample",
                  exempt_corrected: bool = False, modulation_starts: int = 0, modulation_ends: int | None = None,
                  **kwargs: Any) -> None:
@@ -112,9 +114,6 @@ class CML(MultimodalMethod):
         options.integer("modulation_starts", modulation_starts, 0)
         if modulation_ends is not None:
             options.integer("modulation_ends", modulation_ends, modulation_starts)
-        if len(self.modalities) < 2:
-            raise ValueError(f"method=cml removes modalities one at a time: it needs at least two, the model has "
-                             f"{self.modalities}")
         self.penalty_weight = float(penalty_weight)
         self.order = order
         self.hinge = hinge

@@ -162,6 +162,8 @@ class DIMML(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "DI-MML transfers knowledge between modalities"
+
     def __init__(
         self,
         warmup_epochs: int = 20,
@@ -177,9 +179,6 @@ class DIMML(MultimodalMethod):
     ) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = False
-        if len(self.modalities) < 2:
-            raise ValueError(f"DI-MML transfers knowledge between modalities: it needs at least two, the model has "
-                             f"{self.modalities}")
         dims = self.model.fusion.feature_dims
         if len(set(dims.values())) != 1:
             raise ValueError(f"DI-MML's shared classifier and DUC loss need one feature size for all modalities, got "

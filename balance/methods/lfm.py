@@ -198,6 +198,8 @@ class LFM(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "LFM aligns modalities with each other"
+
     def __init__(
         self,
         initial_weight_align: float = 0.95,
@@ -211,9 +213,6 @@ class LFM(MultimodalMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if len(self.modalities) < 2:
-            raise ValueError(f"LFM aligns modalities with each other: it needs at least two, the model has "
-                             f"{self.modalities}")
         options.interval("initial_weight_align", initial_weight_align, *WEIGHT_BOUNDS)
         options.non_negative("lr_alpha", lr_alpha)
         options.integer("lr_alpha_halve_every", lr_alpha_halve_every, 1)

@@ -104,6 +104,8 @@ class MBSD(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "MBSD distils between modalities"
+
     def __init__(self, rs_weight: float = 1.0, kl_weight: float = 1.0, temperature: float = 1.0,
                  detach_teacher: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -112,9 +114,6 @@ class MBSD(MultimodalMethod):
         options.positive("temperature", temperature)
         if not isinstance(detach_teacher, bool):
             raise ValueError(f"method.detach_teacher must be true or false, got {detach_teacher!r}")
-        if len(self.modalities) < 2:
-            raise ValueError(f"MBSD distils between modalities: it needs at least two, the model has "
-                             f"{self.modalities}")
         self.rs_weight = float(rs_weight)
         self.kl_weight = float(kl_weight)
         self.temperature = float(temperature)

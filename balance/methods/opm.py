@@ -74,12 +74,11 @@ class OPM(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "OPM drops a dominant modality's features"
+
     def __init__(self, q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, modulation_starts: int = 6,
                  modulation_ends: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(self.modalities) < 2:
-            raise ValueError(f"OPM drops a dominant modality's features: it needs at least two modalities, the "
-                             f"model has {self.modalities}")
         head = self.model.fusion
         if not isinstance(head, LINEAR_HEADS):
             raise ValueError(

@@ -71,12 +71,11 @@ class PMR(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "PMR rebalances modalities against each other"
+
     def __init__(self, alpha: float = 1.0, prototype_momentum: float = 0.2, prototype_fraction: float = 0.1,
                  modulation_starts: int = 0, modulation_ends: int = 100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(self.modalities) < 2:
-            raise ValueError(f"PMR rebalances modalities against each other: it needs at least two, the model "
-                             f"has {self.modalities}")
         options.positive("alpha", alpha)
         options.interval("prototype_momentum", prototype_momentum, 0, 1, open_high=True)
         options.interval("prototype_fraction", prototype_fraction, 0, 1, open_low=True)

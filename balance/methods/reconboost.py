@@ -147,6 +147,8 @@ class ReconBoost(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    needs_several_modalities = "ReconBoost alternates between modalities"
+
     def __init__(
         self,
         learner_epochs: int = 4,
@@ -163,9 +165,6 @@ class ReconBoost(MultimodalMethod):
     ) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = False
-        if len(self.modalities) < 2:
-            raise ValueError(f"ReconBoost alternates between modalities: it needs at least two, the model has "
-                             f"{self.modalities}")
         if self.model.mid_fusion is not None:
             raise ValueError("ReconBoost trains one modality's learner at a time, but model.mmtm links the encoders: "
                              "set model.mmtm=null")

@@ -101,7 +101,8 @@ class Relearning(MultimodalMethod):
         relearn_every: epochs between two diagnoses (official ``--reinit_epoch`` 20; BalanceBenchmark 15).
         relearn_times: the most diagnoses in a run (official ``--reinit_num`` 3; BalanceBenchmark 2).
         warmup_epochs: epochs trained before the first diagnosis (``None``: ``relearn_every + 1``, the official
-            rule, which diagnoses after the 0-based epochs 20, 40, 60).
+            rule, which diagnoses after the 0-based epochs 20, 40, 60). 0 diagnoses the initial encoders too (their
+            pull towards the initial weights changes nothing; the diagnosis is logged and costs what later ones do).
         kmeans_n_init: KMeans restarts (the official call leaves scikit-learn's default: 10 before 1.4, 1 since).
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
@@ -113,7 +114,7 @@ class Relearning(MultimodalMethod):
         options.integer("relearn_every", relearn_every, 1)
         options.integer("relearn_times", relearn_times, 0)
         if warmup_epochs is not None:
-            options.integer("warmup_epochs", warmup_epochs, 1)
+            options.integer("warmup_epochs", warmup_epochs, 0)
         options.integer("kmeans_n_init", kmeans_n_init, 1)
         self.strength = float(strength)
         self.kmeans_n_init = kmeans_n_init
