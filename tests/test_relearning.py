@@ -222,7 +222,7 @@ def test_resumes_exactly_across_a_relearning_epoch(tmp_path):
     ("strength", -1.0, "method.strength must be a number >= 0"),
     ("relearn_every", 0, "method.relearn_every must be an integer >= 1"),
     ("relearn_times", -1, "method.relearn_times must be an integer >= 0"),
-    ("warmup_epochs", 0, "method.warmup_epochs must be an integer >= 1"),
+    ("warmup_epochs", -1, "method.warmup_epochs must be an integer >= 0"),
     ("kmeans_n_init", 0, "method.kmeans_n_init must be an integer >= 1"),
 ])
 def test_invalid_options_are_refused(option, value, message):
