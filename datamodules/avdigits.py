@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -242,8 +244,20 @@ class AVDigitsDataModule(MultimodalDataModule):
         if not self._check_root():
             p = self.params
             log.info("preparing AV-Digits in %s (once)", self.root)
-            prepare(self.root, p["utterances_per_image"], p["snr_db"], p["rate"], p["pitch"], p["duration"],
-                    p["n_mels"], p["frames"], p["seed"])
+            # Written beside the cache and renamed into place, so that runs started together (a sweep, two test
+            # workers) never read a half-written cache: each prepares its own, the first rename wins.
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.root.name}-", dir=self.root.parent))
+            try:
+                prepare(staging, p["utterances_per_image"], p["snr_db"], p["rate"], p["pitch"], p["duration"],
+                        p["n_mels"], p["frames"], p["seed"])
+                try:
+                    staging.rename(self.root)
+                except OSError:
+                    if not self._check_root():  # not another run's finished cache: a real failure
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def build_datasets(self) -> dict[str, Dataset]:
         from sklearn.datasets import load_digits

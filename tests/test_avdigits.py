@@ -1,6 +1,7 @@
 """AV-Digits: the offline cache, the split, the batch contract, errors, and that both modalities are informative."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -91,6 +92,36 @@ def test_wrong_layout_names_layout_and_command(tmp_path):
 def test_other_preparation_arguments_are_refused(datamodule):
     with pytest.raises(ValueError, match="prepared with"):
         AVDigitsDataModule(root=str(datamodule.root), utterances_per_image=2).prepare_data()
+
+
+def test_a_run_that_prepares_second_keeps_the_first_runs_cache(cache_env, tmp_path, monkeypatch):
+    # Two runs started together both find no cache and prepare one; each writes beside the cache and renames its
+    # copy into place, so neither ever reads a half-written one, and the second's rename leaves the first's.
+    import datamodules.avdigits as avdigits
+
+    monkeypatch.setenv("BALANCE_CACHE", str(tmp_path))
+    finished = next(p for p in (cache_env / "avdigits").iterdir() if (p / "meta.json").exists())
+    dm = AVDigitsDataModule(**SMALL)
+    staged = []
+
+    def prepare_while_another_run_finishes(out, *args):
+        shutil.copytree(finished, dm.root)  # the other run's rename happened meanwhile
+        assert not (out / "meta.json").exists() and out.parent == dm.root.parent
+        staged.append(out)
+        for name in ("meta.json", "utterances.csv", "logmel.npy"):
+            shutil.copy(finished / name, out / name)
+        (out / "second").write_text("")
+
+    monkeypatch.setattr(avdigits, "prepare", prepare_while_another_run_finishes)
+    dm.prepare_data()
+    assert staged and not staged[0].exists()
+    assert sorted(p.name for p in dm.root.parent.iterdir()) == [dm.root.name]
+    assert not (dm.root / "second").exists() and dm._check_root()
+
+    monkeypatch.setattr(avdigits, "prepare", lambda out, *args: shutil.copytree(finished, out, dirs_exist_ok=True))
+    shutil.rmtree(dm.root)
+    dm.prepare_data()  # alone: its own copy is renamed into place
+    assert sorted(p.name for p in dm.root.parent.iterdir()) == [dm.root.name] and dm._check_root()
 
 
 @pytest.mark.parametrize("method", ["joint", "mla", "sample_level", "modality_level"])
