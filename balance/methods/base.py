@@ -219,6 +219,25 @@ class MultimodalMethod(pl.LightningModule):
         optimizer.step()
         optimizer.zero_grad()
 
+    def epoch_schedulers(self) -> list[Any]:
+        """The learning-rate schedulers :meth:`configure_optimizers` returned, as a list (empty without one), for
+        a method under manual optimization to step with :meth:`step_scheduler`."""
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return list(schedulers) if isinstance(schedulers, list) else [schedulers]
+
+    def step_scheduler(self, scheduler: Any) -> None:
+        """Steps an epoch schedule by hand (Lightning steps them only under automatic optimization): a
+        ``ReduceLROnPlateau`` on this epoch's :data:`PLATEAU_MONITOR`, which must have been logged."""
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if PLATEAU_MONITOR not in self.trainer.callback_metrics:
+                raise RuntimeError(f"a ReduceLROnPlateau schedule steps on {PLATEAU_MONITOR}, which this epoch did "
+                                   "not log: validate every epoch, or use another scheduler")
+            scheduler.step(self.trainer.callback_metrics[PLATEAU_MONITOR])
+        else:
+            scheduler.step()
+
     def reduce_across_ranks(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``value`` summed (``op="sum"``) or averaged (``"mean"``) over the DDP ranks; itself on one process."""
         if self._trainer is None or self.trainer.world_size == 1:

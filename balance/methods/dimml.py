@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from balance.dropping import drop_features
 from balance.methods import options
-from balance.methods.base import PLATEAU_MONITOR, MultimodalMethod
+from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 from balance.scopes import evaluation_mode, isolated_rng, to_device
 
@@ -272,18 +272,9 @@ class DIMML(MultimodalMethod):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
-            self._step_scheduler(schedulers[1 if self.in_stage_two(self.current_epoch) else 0])
-
-    def _step_scheduler(self, scheduler: Any) -> None:
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if PLATEAU_MONITOR not in self.trainer.callback_metrics:
-                raise RuntimeError(f"a ReduceLROnPlateau schedule steps on {PLATEAU_MONITOR}, which this epoch did "
-                                   "not log: validate every epoch, or use another scheduler")
-            scheduler.step(self.trainer.callback_metrics[PLATEAU_MONITOR])
-        else:
-            scheduler.step()
+        schedulers = self.epoch_schedulers()
+        if schedulers:
+            self.step_scheduler(schedulers[1 if self.in_stage_two(self.current_epoch) else 0])
 
     # -- the selection pass ----------------------------------------------------------------------------------------
 

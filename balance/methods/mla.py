@@ -168,9 +168,8 @@ class MLA(MultimodalMethod):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        for scheduler in self.epoch_schedulers():
+            self.step_scheduler(scheduler)
 
     def fused_logits(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.fuse_unimodal(self.model.unimodal_logits(drop_features(features, self.modalities, keep)))[0]

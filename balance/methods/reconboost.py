@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from balance.methods import options
-from balance.methods.base import PLATEAU_MONITOR, MultimodalMethod
+from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 
 PHASES = ("warmup", "learner", "correction")
@@ -283,14 +283,8 @@ class ReconBoost(MultimodalMethod):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(PLATEAU_MONITOR)
-                if metric is not None:
-                    scheduler.step(metric)
-            else:
-                scheduler.step()
+        for scheduler in self.epoch_schedulers():
+            self.step_scheduler(scheduler)
 
     # -- prediction and optimizers -------------------------------------------------------------------------------------
 
