@@ -120,8 +120,9 @@ class Relearning(MultimodalMethod):
         self.kmeans_n_init = kmeans_n_init
         first = relearn_every + 1 if warmup_epochs is None else warmup_epochs
         self.relearning_epochs = relearning_epochs(first, relearn_every, relearn_times)
-        # The weights the model was built with: its initialisation, before any training step.
-        self.initial_weights = {name: p.detach().cpu().clone()
+        # The weights the model was built with: its initialisation, before any training step (kept on the meta
+        # device for a model built there to check a config: it has no values to copy).
+        self.initial_weights = {name: p.detach().clone() if p.is_meta else p.detach().cpu().clone()
                                 for m in self.modalities for name, p in self.feature_parameters(m).items()}
         for m in self.modalities:
             for name in (f"purity_train_{m}", f"purity_val_{m}", f"reinit_{m}"):
