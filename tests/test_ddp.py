@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 IMAGES = ["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", "trainer.enable_progress_bar=false",
           "trainer.enable_model_summary=false"]
-# Per method: its overrides and a logged quantity whose presence (or value) shows that its mechanism acted.
+# Per method: its overrides (after the runs' defaults) and a logged quantity whose presence (or value) shows
+# that its mechanism acted.
 MODULATIONS = {
     "ogm_ge": ([*SYNTHETIC, "method.params=weights"], "coeff", lambda values: min(values) < 1.0),
     "inforeg": ([*SYNTHETIC], "beta", lambda values: max(values) > 0.0),
@@ -31,6 +32,12 @@ MODULATIONS = {
     "opm": ([*SYNTHETIC, "method.modulation_starts=0"], "drop_prob", lambda values: max(values) > 0.0),
     # The loss history is a buffer: equal on both ranks only if each adds every rank's samples.
     "qmf": ([*SYNTHETIC], "confidence", lambda values: len(values) > 0),
+    # The purities come from KMeans on features gathered from every rank, the blend weights from losses summed over
+    # the ranks and clones trained on averaged gradients, the selected dimensions from gathered features.
+    "relearning": ([*SYNTHETIC, "trainer.max_epochs=2", "method.warmup_epochs=1"], "reinit",
+                   lambda values: len(values) > 0),
+    "gblending": ([*SYNTHETIC, "method.estimate_epochs=1"], "weight", lambda values: len(values) > 0),
+    "dimml": ([*SYNTHETIC, "method.warmup_epochs=0"], "effective_dims", lambda values: len(values) > 0),
 }
 
 
@@ -46,7 +53,7 @@ def ddp_runs(tmp_path_factory):
     runs = {str(root / "evaluated"): EVALUATED}
     for method, (base, _, _) in MODULATIONS.items():
         runs[str(root / method)] = [
-            *base, f"method={method}", "data.num_samples=600", "trainer.max_epochs=1",
+            f"method={method}", "data.num_samples=600", "trainer.max_epochs=1", *base,
             f"+callbacks.rank_dump={{_target_:ddp_probe.RankStateDump,directory:{root / method / 'ranks'}}}"]
     (root / "runs.json").write_text(json.dumps(runs))
     out = subprocess.run(
