@@ -117,3 +117,37 @@ def held_out_accuracy(datamodule, method, modality: str) -> float:
                 correct += int((logits.argmax(1) == batch["label"]).sum())
                 total += len(batch["label"])
     return correct / total
+
+
+def assert_identical(a, b, where: str = "checkpoint") -> None:
+    """Asserts that two nested structures (dicts, sequences, tensors, plain values: a checkpoint) are equal,
+    naming the first entry that differs."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def train_interrupted_and_resumed(overrides: list[str], run_dir: Path, stop_after: int, epochs: int
+                                  ) -> tuple[dict, dict]:
+    """Trains ``epochs`` epochs at once (``run_dir/full``) and again stopped after ``stop_after`` epochs and resumed
+    from its ``last.ckpt`` (``run_dir/part``); asserts that both runs validate and test alike.
+
+    Returns:
+        The final checkpoints of the uninterrupted and of the resumed run.
+    """
+    full = train(compose_train([*overrides, f"trainer.max_epochs={epochs}"], run_dir=run_dir / "full"))
+    train(compose_train([*overrides, f"trainer.max_epochs={stop_after}"], run_dir=run_dir / "part"))
+    last = run_dir / "part" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_train([*overrides, f"trainer.max_epochs={epochs}", f"ckpt_path={last}"],
+                                  run_dir=run_dir / "part"))
+    assert resumed["val"] == full["val"] and resumed["test"] == full["test"]
+    return tuple(torch.load(run_dir / run / "checkpoints" / "last.ckpt", weights_only=True) for run in ("full", "part"))

@@ -19,7 +19,7 @@ import torch
 from hydra.utils import get_class
 
 from balance.run import build, train
-from compose import CONF_DIR, compose_train
+from compose import CONF_DIR, assert_identical, compose_train
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 MODALITIES = {2: ("m0", "m1"), 3: ("m0", "m1", "m2")}
@@ -83,21 +83,6 @@ def _epoch_losses(run_dir: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
-def _assert_equal(a, b, where: str) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 class _GradientRecorder(pl.Callback):
     """The names of the parameters that had a non-zero gradient at some optimizer step."""
 
@@ -130,7 +115,7 @@ def test_method_learns_and_resumes_exactly(method, num_modalities, tmp_path):
     b = torch.load(last, weights_only=True)
     assert a["epoch"] == b["epoch"] == EPOCHS - 1
     state = {key: value for key, value in a.items() if key not in PROGRESS_KEYS}
-    _assert_equal(state, {key: value for key, value in b.items() if key not in PROGRESS_KEYS}, "checkpoint")
+    assert_identical(state, {key: value for key, value in b.items() if key not in PROGRESS_KEYS})
 
 
 @pytest.mark.parametrize("num_modalities", [2, 3])

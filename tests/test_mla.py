@@ -7,7 +7,7 @@ import torch
 from balance.methods.mla import batch_entropy_weights, entropy_weights, update_projector
 from balance.methods.step import Step
 from balance.run import build, train
-from compose import SYNTHETIC, compose_train
+from compose import SYNTHETIC, compose_train, train_interrupted_and_resumed
 
 
 def test_projector_two_steps_by_hand():
@@ -174,11 +174,5 @@ def test_fixed_fusion_needs_weights():
 
 def test_resume_reproduces_projector_and_metrics(tmp_path):
     common = [*SYNTHETIC, "method=mla", "seed=5", "logger=[]"]
-    full = train(compose_train([*common, "trainer.max_epochs=4"], run_dir=tmp_path / "full"))
-    train(compose_train([*common, "trainer.max_epochs=2"], run_dir=tmp_path / "part"))
-    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    resumed = train(compose_train([*common, "trainer.max_epochs=4", f"ckpt_path={last}"], run_dir=tmp_path / "part"))
-    assert resumed["test"] == full["test"] and resumed["val"] == full["val"]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    a, b = (c["state_dict"] for c in train_interrupted_and_resumed(common, tmp_path, stop_after=2, epochs=4))
     assert torch.equal(a["projector"], b["projector"]) and torch.equal(a["hgm_steps"], b["hgm_steps"])

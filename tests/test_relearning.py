@@ -15,7 +15,7 @@ import torch
 from balance.methods.relearning import (
     INITIAL_WEIGHTS_KEY, SplitFeatures, blend, cluster_purity, purity, reinit_weight, relearning_epochs)
 from balance.run import build, train
-from compose import compose_train, fit_briefly, held_out_accuracy
+from compose import compose_train, fit_briefly, held_out_accuracy, train_interrupted_and_resumed
 from datamodules.base import InMemoryDataset
 from datamodules.synthetic import SyntheticDataModule
 
@@ -199,12 +199,7 @@ def test_a_memorised_shortcut_is_reinitialised_and_the_other_modality_learns_mor
 def test_resumes_exactly_across_a_relearning_epoch(tmp_path):
     # The run stops after epoch 1; epoch 2 starts with a re-learning, which the resumed run must do alike.
     overrides = [*VECTORS, "method.warmup_epochs=2", "method.optimizer.lr=1.0e-2"]
-    full = train(compose_train([*overrides, "trainer.max_epochs=3"], run_dir=tmp_path / "full"))
-    train(compose_train([*overrides, "trainer.max_epochs=2"], run_dir=tmp_path / "part"))
-    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    resumed = train(compose_train([*overrides, "trainer.max_epochs=3", f"ckpt_path={last}"], run_dir=tmp_path / "part"))
-    assert resumed["test"] == full["test"] and resumed["val"] == full["val"]
-    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True) for run in ("full", "part"))
+    a, b = train_interrupted_and_resumed(overrides, tmp_path, stop_after=2, epochs=3)
     assert a["epoch"] == b["epoch"] == 2
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name

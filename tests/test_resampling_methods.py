@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from balance.run import build, train
-from compose import SYNTHETIC, compose_train
+from compose import SYNTHETIC, compose_train, train_interrupted_and_resumed
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [*SYNTHETIC, "data.informativeness=[1.0,0.3]", "method.warmup_epochs=1", "logger=[]"]
@@ -78,13 +78,7 @@ def test_online_valuation_needs_no_extra_encoder_pass(tmp_path, valuation):
 
 def test_resume_reproduces_plan_and_metrics(tmp_path):
     common = [*FAST, "method=sample_level", "seed=2"]
-    full = train(compose_train([*common, "trainer.max_epochs=4"], run_dir=tmp_path / "full"))
-    train(compose_train([*common, "trainer.max_epochs=2"], run_dir=tmp_path / "part"))
-    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    resumed = train(compose_train([*common, "trainer.max_epochs=4", f"ckpt_path={last}"], run_dir=tmp_path / "part"))
-    assert resumed["test"] == full["test"] and resumed["val"] == full["val"]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    a, b = train_interrupted_and_resumed(common, tmp_path, stop_after=2, epochs=4)
     assert torch.equal(a["resampling_plan"]["indices"], b["resampling_plan"]["indices"])
     assert torch.equal(a["valuation_table"]["phi"], b["valuation_table"]["phi"])
 

@@ -12,7 +12,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from balance.run import train
-from compose import SYNTHETIC, compose_train
+from compose import SYNTHETIC, compose_train, train_interrupted_and_resumed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,15 +52,7 @@ def test_last_checkpoint_is_the_newest_epoch_when_validation_stops_improving(tmp
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     # Dropout and an unequal split make the run depend on the RNG; shuffling depends on it anyway.
     common = [*SYNTHETIC, "model.encoders.encoder.dropout=0.3", "seed=3"]
-    full = train(compose_train([*common, "trainer.max_epochs=4"], run_dir=tmp_path / "full"))
-    train(compose_train([*common, "trainer.max_epochs=2"], run_dir=tmp_path / "part"))
-    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    resumed = train(compose_train([*common, "trainer.max_epochs=4", f"ckpt_path={last}"],
-                                  run_dir=tmp_path / "part"))
-    assert resumed["val"] == full["val"]
-    assert resumed["test"] == full["test"]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    a, b = (c["state_dict"] for c in train_interrupted_and_resumed(common, tmp_path, stop_after=2, epochs=4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
