@@ -175,8 +175,10 @@ def test_compute_without_the_training_split_raises():
     method = identity_method({"a": 3, "b": 3}, 4)
     with pytest.raises(ValueError, match="training split.*prepare"):
         LinearProbe().compute(method, make_batches(*two_bits(8, torch.Generator()), 4))
-    with pytest.raises(ValueError, match="max_train_samples"):
+    with pytest.raises(ValueError, match=r"diagnostics.linear_probe.max_train_samples must be an integer >= 1 or null"):
         LinearProbe(max_train_samples=0)
+    with pytest.raises(ValueError, match=r"diagnostics.linear_probe.weight_decay must be a number >= 0"):
+        LinearProbe(weight_decay=-1.0)
 
 
 def test_deterministic_and_leaves_model_and_rng_alone():

@@ -309,3 +309,13 @@ def test_result_subsample_and_outputs():
     figures = diagnostic.figures(result)
     assert list(figures) == ["mm_shap"]
     plt.close(figures["mm_shap"])
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("n_samples", 0, "diagnostics.mm_shap.n_samples must be an integer >= 1"),
+    ("features_per_modality", 0, "diagnostics.mm_shap.features_per_modality must be an integer >= 1"),
+    ("max_samples", 0, "diagnostics.mm_shap.max_samples must be an integer >= 1 or null"),
+])
+def test_bad_options_are_refused_by_their_config_name(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        MMSHAP(**{option: value})

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
+from balance import options  # noqa: E402
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.dropping import drop_features  # noqa: E402
 from balance.reproduce import Column  # noqa: E402
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: the probe on every modality's features side by side
 CONCAT = "concat"
+#: the config group of the options, as refusals name them
+SCOPE = "diagnostics.linear_probe"
 
 
 @dataclass
@@ -162,12 +165,9 @@ class LinearProbe(Diagnostic):
 
     def __init__(self, weight_decay: float = 1e-4, max_iter: int = 200, max_train_samples: int | None = None,
                  seed: int = 0) -> None:
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-        if max_train_samples is not None and max_train_samples < 1:
-            raise ValueError(f"max_train_samples must be at least 1 (or null), got {max_train_samples}")
+        options.non_negative("weight_decay", weight_decay, scope=SCOPE)
+        options.integer("max_iter", max_iter, 1, scope=SCOPE)
+        options.integer("max_train_samples", max_train_samples, 1, optional=True, scope=SCOPE)
         self.weight_decay = weight_decay
         self.max_iter = max_iter
         self.max_train_samples = max_train_samples

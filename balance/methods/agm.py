@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from balance.dropping import zero_input
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.step import Step

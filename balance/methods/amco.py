@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from balance.dropping import drop_features
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod, mean_over_present
 from balance.methods.epochs import EpochWindow
 from balance.methods.step import Step

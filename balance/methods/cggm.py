@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import STAGES, MultimodalMethod
 from balance.methods.step import Step
 

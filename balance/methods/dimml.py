@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from balance.dropping import drop_features
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 from balance.scopes import evaluation_mode, isolated_rng, to_device

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 from balance.scopes import evaluation_mode, isolated_rng, to_device

@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import default_collate
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod, mean_over_present
 from balance.methods.step import Step
 from balance.scopes import evaluation_mode, to_device

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from balance.dropping import drop_features
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.step import Step
 from balance.models import SharedHead

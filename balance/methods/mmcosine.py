@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from balance.dropping import drop_features
-from balance.methods import options
+from balance import options
 from balance.methods.joint import JointTraining
 from balance.methods.step import Step
 from balance.models.fusion import CosineFusion

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.ogm_ge import confidence_scores

@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.methods.epochs import EpochWindow
 from balance.methods.ogm_ge import confidence_scores

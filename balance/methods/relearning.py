@@ -30,7 +30,7 @@ from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.scopes import evaluation_mode, isolated_rng
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from balance.gather import gather_table, last_per_index
-from balance.methods import options
+from balance import options
 from balance.methods.epochs import EpochWindow
 from balance.methods.joint import JointTraining
 from balance.methods.step import Step

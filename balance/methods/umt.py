@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from balance.checkpoints import read_checkpoint, selected_checkpoint
-from balance.methods import options
+from balance import options
 from balance.methods.joint import JointTraining
 from balance.methods.step import Step
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from balance.methods import options
+from balance import options
 from balance.methods.base import MultimodalMethod
 from balance.models.encoders import AbsentEncoder
 

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from balance import options  # noqa: E402
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.diagnostics.mm_shap.grouping import check_layout  # noqa: E402
 from balance.diagnostics.mm_shap.sampling import mm_shap_values  # noqa: E402
@@ -21,6 +22,8 @@ from balance.reproduce import Column  # noqa: E402
 from balance.reproduce_figures import Keys, StackedBars  # noqa: E402
 
 
+#: the config group of the options, as refusals name them
+SCOPE = "diagnostics.mm_shap"
 #: each modality's mean share (``share_<m>``), not those over the correctly or wrongly predicted samples
 SHARES = Keys("share_{}", but_not=("share_{}_correct", "share_{}_incorrect"))
 
@@ -71,10 +74,10 @@ class MMSHAP(Diagnostic):
         seed: int = 0,
         layout: str = "covering",
     ) -> None:
-        if n_samples < 1 or perturbations_per_eval < 1 or features_per_modality < 1:
-            raise ValueError("n_samples, perturbations_per_eval and features_per_modality must be >= 1")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+        for name, value in (("n_samples", n_samples), ("perturbations_per_eval", perturbations_per_eval),
+                            ("features_per_modality", features_per_modality)):
+            options.integer(name, value, 1, scope=SCOPE)
+        options.integer("max_samples", max_samples, 1, optional=True, scope=SCOPE)
         self.n_samples = n_samples
         self.antithetic = antithetic
         self.perturbations_per_eval = perturbations_per_eval
