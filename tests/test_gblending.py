@@ -216,60 +216,6 @@ def test_clone_epochs_without_clones_and_linked_encoders_are_refused():
                              "+model/mmtm=default"]))
 
 
-@pytest.mark.parametrize("estimate", [["method.super_epoch=2"], ["method.estimate=online", "method.super_epoch=2"]])
-def test_the_dominated_modality_gets_the_least_weight(estimate):
-    # m0 dominates: m1's head gains little on validation for what it overfits, so G-Blend gives it the smallest
-    # weight (the paper's Kinetics weights put 0.014 on audio), leaving the loss to the heads that generalise.
-    _, _, method = fit_briefly([*GB, "data.num_samples=600", "data.informativeness=[2.0,0.4]", *estimate], epochs=4)
-    weights = dict(zip(method.heads, method.blend_weights.tolist()))
-    assert weights["m1"] < min(weights["m0"], weights["fused"]) and weights["m1"] < 1 / 3, weights
-
-
-def test_a_modality_without_signal_gets_almost_no_weight():
-    # m1 is pure noise: its head overfits without generalising, so its ratio |dG| / dO^2 is the smallest.
-    _, _, method = fit_briefly([*GB, "data.informativeness=[1.0,0.0]", "method.super_epoch=1",
-                                "method.estimate_epochs=3"], epochs=2)
-    weights = dict(zip(method.heads, method.blend_weights.tolist()))
-    assert weights["m1"] < 0.1 and weights["m1"] < min(weights["m0"], weights["fused"]), weights
-
-
-@pytest.mark.parametrize("override,message", [
-    ("method.estimate=offline", "method.estimate must be one of"),
-    ("method.super_epoch=0", "method.super_epoch must be an integer >= 1"),
-    ("method.estimate_epochs=0", "method.estimate_epochs must be an integer >= 1"),
-])
-def test_bad_options_are_refused(override, message):
-    with pytest.raises(Exception, match=message):
-        build(compose_train([*GB, override]))
-
-
-def test_clone_epochs_without_clones_and_linked_encoders_are_refused():
-    with pytest.raises(Exception, match="method.estimate_epochs must be null with method.estimate=online"):
-        build(compose_train([*GB, "method.estimate=online", "method.estimate_epochs=2"]))
-    with pytest.raises(Exception, match="model.mmtm=null"):
-        build(compose_train(["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", "method=gblending",
-                             "+model/mmtm=default"]))
-
-
-def _state(checkpoint):
-    return {key: value for key, value in checkpoint.items() if key not in PROGRESS_KEYS}
-
-
-def _assert_same(a, b, where="checkpoint"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("estimate", [["method.estimate_epochs=1"], ["method.estimate=online"]])
 def test_a_run_resumed_between_estimates_continues_exactly(estimate, tmp_path):
     overrides = [*GB, "method.super_epoch=1", *estimate, "data.num_samples=200"]
