@@ -38,6 +38,12 @@ MODULATIONS = {
                    lambda values: len(values) > 0),
     "gblending": ([*SYNTHETIC, "method.estimate_epochs=1"], "weight", lambda values: len(values) > 0),
     "dimml": ([*SYNTHETIC, "method.warmup_epochs=0"], "effective_dims", lambda values: len(values) > 0),
+    # The alignment weight comes from a hypergradient on the held-out batch: the same batch on every rank.
+    "lfm": ([*SYNTHETIC, "method.lr_alpha=1.0"], "weight_align", lambda values: min(values) < 0.95),
+    # A learner phase trains one encoder: DDP must be told that the others' parameters get no gradient.
+    "reconboost": ([*SYNTHETIC, "trainer.strategy=ddp_find_unused_parameters_true", "trainer.max_epochs=2",
+                    "method.learner_epochs=1", "method.correction_epochs=1"], "boost_rate",
+                   lambda values: len(values) > 0),
 }
 
 
@@ -86,7 +92,8 @@ def test_gradient_modulation_is_the_same_on_every_rank(method, ddp_runs):
     run = ddp_runs / method
     rank0, rank1 = (torch.load(run / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
-    values = [float(r[f"train/{quantity}_{m}"]) for r in rows for m in ("m0", "m1") if r.get(f"train/{quantity}_{m}")]
+    names = [f"train/{quantity}", *(f"train/{quantity}_{m}" for m in ("m0", "m1"))]  # one value, or one per modality
+    values = [float(r[name]) for r in rows for name in names if r.get(name)]
     assert acted(values), values  # the mechanism acted
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differing, differing
