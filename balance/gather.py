@@ -1,10 +1,9 @@
-"""Gathering per-sample tables across DDP ranks, so that every rank holds the whole split."""
+"""Gathering per-sample rows and valuation tables across DDP ranks, so that every rank holds the whole split."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.nn import functional as F
 
 from balance.valuation import ValuationTable
 
@@ -18,20 +17,24 @@ def last_per_index(table: ValuationTable) -> ValuationTable:
                           table.modalities)
 
 
+def gather_rows(module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` (first axis: samples; the shards may differ in length), concatenated in rank order,
+    on the CPU; ``rows`` itself on one process."""
+    if module.trainer.world_size == 1:
+        return rows.cpu()
+    rows = rows.to(module.device)
+    counts = module.all_gather(torch.tensor(len(rows), device=module.device))
+    # all_gather needs equal shapes: pad each shard to the longest, then keep each rank's own rows.
+    padded = rows.new_zeros((int(counts.max()), *rows.shape[1:]))
+    padded[:len(rows)] = rows
+    gathered = module.all_gather(padded)
+    return torch.cat([gathered[rank, :int(count)] for rank, count in enumerate(counts)]).cpu()
+
+
 def gather_table(module: pl.LightningModule, table: ValuationTable) -> ValuationTable:
     """Every rank's shard of a valuation table, concatenated and sorted by index on every rank."""
     if module.trainer.world_size == 1:
         return table
-    # Shards differ in length: pad with index -1, gather, drop the padding.
-    longest = int(module.all_gather(torch.tensor(len(table), device=module.device)).max())
-    pad = longest - len(table)
-
-    def gather(column: torch.Tensor) -> torch.Tensor:
-        padded = F.pad(column, (0, 0) * (column.dim() - 1) + (0, pad), value=-1 if column is table.index else 0)
-        return module.all_gather(padded.to(module.device)).flatten(0, 1).cpu()
-
-    index, label, correct = gather(table.index), gather(table.label), gather(table.correct.long())
-    phi = gather(table.phi)
-    valid = index >= 0
-    return ValuationTable.sorted_by_index(index[valid], label[valid], correct[valid].bool(), phi[valid],
-                                          table.modalities)
+    index, label, correct, phi = (gather_rows(module, column) for column in
+                                  (table.index, table.label, table.correct.long(), table.phi))
+    return ValuationTable.sorted_by_index(index, label, correct.bool(), phi, table.modalities)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from balance import options
+from balance.gather import gather_rows
 from balance.methods.base import MultimodalMethod
 from balance.scopes import evaluation_mode, isolated_rng
 
@@ -198,22 +199,12 @@ class Relearning(MultimodalMethod):
                 mask = batch.get("present")
                 present.append(torch.ones(len(batch["label"]), len(self.modalities), dtype=torch.long,
                                           device=self.device) if mask is None else mask.long())
-        order = self.gather_rows(torch.cat(indices)).argsort()
+        order = gather_rows(self, torch.cat(indices)).argsort()
 
         def gathered(parts: list[torch.Tensor]) -> torch.Tensor:
-            return self.gather_rows(torch.cat(parts))[order]
+            return gather_rows(self, torch.cat(parts))[order]
 
         return SplitFeatures({m: gathered(f) for m, f in features.items()}, gathered(labels), gathered(present).bool())
-
-    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``rows`` (first axis: samples; shards of different lengths), concatenated, on the CPU."""
-        if self.trainer.world_size == 1:
-            return rows.cpu()
-        counts = self.all_gather(torch.tensor(len(rows), device=self.device))
-        padded = rows.new_zeros((int(counts.max()), *rows.shape[1:]))
-        padded[:len(rows)] = rows
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[rank, :int(count)] for rank, count in enumerate(counts)]).cpu()
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 
