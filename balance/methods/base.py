@@ -238,6 +238,22 @@ class MultimodalMethod(pl.LightningModule):
         else:
             scheduler.step()
 
+    def fitted_datamodule(self, purpose: str) -> Any:
+        """The datamodule the trainer fits, for a method that reads its splits itself; refused with ``purpose``
+        (e.g. "LFM learns its weights on the validation split") when the trainer was given loaders instead."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError(f"{purpose}: fit it with trainer.fit(method, datamodule=...)")
+        return datamodule
+
+    def mean_across_ranks(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each of ``tensors`` averaged over the DDP ranks, all in one reduction (e.g. gradients that the method
+        holds outside ``.grad``); the tensors themselves on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return list(tensors)
+        flat = self.reduce_across_ranks(torch.cat([t.flatten() for t in tensors]), "mean")
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
     def reduce_across_ranks(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``value`` summed (``op="sum"``) or averaged (``"mean"``) over the DDP ranks; itself on one process."""
         if self._trainer is None or self.trainer.world_size == 1:

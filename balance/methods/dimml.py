@@ -281,10 +281,7 @@ class DIMML(MultimodalMethod):
     def select_dimensions(self) -> None:
         """Selects every modality's effective dimensions on the training split, in eval mode without gradients
         (the official pass), with its own random state so that the run draws what it would without the pass."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            raise RuntimeError("DI-MML selects its dimensions on the datamodule's training split: fit with a "
-                               "datamodule")
+        datamodule = self.fitted_datamodule("DI-MML selects its dimensions on the datamodule's training split")
         loader = datamodule.unshuffled_train_dataloader(augment=self.selection_augment)
         with isolated_rng(), evaluation_mode(self.model):
             batches = [to_device(batch, self.device) for batch in loader]

@@ -280,15 +280,11 @@ class GBlending(MultimodalMethod):
     def _average_gradients(self, parameters: list[nn.Parameter]) -> None:
         """Averages the clone's gradients over the DDP ranks (one reduction), so every rank's clone stays equal."""
         if self.trainer.world_size == 1:
-            return
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
-        flat = self.reduce_across_ranks(torch.cat([g.flatten() for g in grads]), "mean")
-        for p, g in zip(parameters, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p)
+            return  # a parameter without a gradient keeps none (an optimizer skips it)
+        grads = self.mean_across_ranks([torch.zeros_like(p) if p.grad is None else p.grad for p in parameters])
+        for p, g in zip(parameters, grads):
+            p.grad = g
 
     def _datamodule(self) -> Any:
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            raise RuntimeError("G-Blending measures losses on the datamodule's training and validation splits: fit "
-                               "it with trainer.fit(method, datamodule=...)")
-        return datamodule
+        return self.fitted_datamodule("G-Blending measures losses on the datamodule's training and validation "
+                                      "splits")

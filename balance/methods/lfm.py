@@ -287,10 +287,7 @@ class LFM(MultimodalMethod):
         return torch.randperm(size, generator=generator)[:wanted]
 
     def _validation_split(self) -> Any:
-        datamodule = self.trainer.datamodule
-        if datamodule is None:
-            raise RuntimeError("LFM learns its weights on the datamodule's validation split: fit it with "
-                               "trainer.fit(method, datamodule=...)")
+        datamodule = self.fitted_datamodule("LFM learns its weights on the datamodule's validation split")
         return datamodule.evaluation_view("val")
 
     def _held_out_batch(self) -> dict[str, Any]:

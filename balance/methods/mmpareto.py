@@ -163,12 +163,9 @@ class MMPareto(MultimodalMethod):
         multimodal, self._multimodal_grads = self._multimodal_grads, None
         if multimodal is None:
             return
-        if self.trainer.world_size > 1:
-            # .grad is averaged over the ranks; g_mm must be too, in one reduction.
-            flat = [g for m in self.modalities for g in multimodal[m]]
-            reduced = iter(self.reduce_across_ranks(torch.cat([g.flatten() for g in flat]), "mean")
-                           .split([g.numel() for g in flat]))
-            multimodal = {m: [next(reduced).view_as(g) for g in multimodal[m]] for m in self.modalities}
+        # .grad is averaged over the ranks; g_mm must be too.
+        reduced = iter(self.mean_across_ranks([g for m in self.modalities for g in multimodal[m]]))
+        multimodal = {m: [next(reduced) for _ in multimodal[m]] for m in self.modalities}
         for m in self.modalities:
             parameters = self.encoder_parameters[m]
             total = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]

@@ -142,10 +142,8 @@ class Relearning(MultimodalMethod):
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch in self.relearning_epochs:
-            if self.trainer.datamodule is None:
-                raise TypeError("Relearning reads the training and validation splits from the trainer's "
-                                "datamodule; fit it with datamodule=...")
-            self.relearn(self.trainer.datamodule)
+            self.relearn(self.fitted_datamodule("Re-learning diagnoses on the datamodule's training and "
+                                                "validation splits"))
 
     def relearn(self, datamodule: Any) -> None:
         """Diagnoses every modality on the datamodule's training split (in order, evaluation transforms) and
