@@ -144,3 +144,11 @@ def test_a_method_defined_for_two_modalities_refuses_three():
     datamodule, method = build(cfg)
     with pytest.raises(ValueError, match="at most 2 modalities; the model has 3"):
         TwoOnly(model=method.model, optimizer=torch.optim.SGD)
+
+
+@pytest.mark.parametrize("method", ["gblending", "reconboost", "ume", "unimodal"])
+def test_a_method_that_runs_an_encoder_alone_refuses_mid_fusion(method):
+    overrides = ["data=synthetic", "model=small_cnn", "data.image_shape=[1,4,4]", f"method={method}",
+                 "+model/mmtm=default", *(["method.modality=m0"] if method == "unimodal" else [])]
+    with pytest.raises(Exception, match="but model.mmtm links the encoders: set model.mmtm=null"):
+        build(compose_train(overrides))

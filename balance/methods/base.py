@@ -20,7 +20,8 @@ The contract a method writes against (each part is optional):
   the base sets them when the run starts and says so.
 - ``max_modalities``: a method defined only for so many modalities (and with no generalisation) sets it, and is
   refused at build time for more; ``needs_several_modalities``: a method that works between modalities says why,
-  and is refused at build time for a single one.
+  and is refused at build time for a single one; ``runs_encoders_alone``: likewise for a method that runs an
+  encoder without the others, refused with MMTM mid-fusion.
 - ``parameter_groups()``: the optimizer's parameter groups (one by default), for parts that train with their own
   learning rate or weight decay.
 """
@@ -82,6 +83,9 @@ class MultimodalMethod(pl.LightningModule):
     max_modalities: ClassVar[int | None] = None
     #: why the method needs at least two modalities (e.g. "AGM compares modalities"); ``None``: one is enough
     needs_several_modalities: ClassVar[str | None] = None
+    #: why the method runs an encoder without the others (e.g. "UME trains each modality's model on its own");
+    #: ``None``: the encoders may be linked by mid-fusion
+    runs_encoders_alone: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -96,6 +100,8 @@ class MultimodalMethod(pl.LightningModule):
         if self.needs_several_modalities is not None and len(model.modalities) < 2:
             raise ValueError(f"{self.needs_several_modalities}: it needs at least two modalities, the model has "
                              f"{list(model.modalities)}")
+        if self.runs_encoders_alone is not None and model.mid_fusion is not None:
+            raise ValueError(f"{self.runs_encoders_alone}, but model.mmtm links the encoders: set model.mmtm=null")
         self.model = model
         self.modalities = list(model.modalities)
         self.optimizer_factory = optimizer

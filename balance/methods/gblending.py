@@ -124,6 +124,8 @@ class GBlending(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    runs_encoders_alone = "G-Blending trains each modality's branch alone"
+
     def __init__(self, estimate: str = "clones", super_epoch: int = 10, estimate_epochs: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -134,9 +136,6 @@ class GBlending(MultimodalMethod):
             if estimate == "online":
                 raise ValueError("method.estimate_epochs must be null with method.estimate=online (it is the clones' "
                                  f"training length), got {estimate_epochs!r}")
-        if self.model.mid_fusion is not None:
-            raise ValueError("G-Blending trains each modality's branch alone, but model.mmtm links the encoders: set "
-                             "model.mmtm=null")
         self.estimate = estimate
         self.super_epoch = super_epoch
         self.estimate_epochs = estimate_epochs

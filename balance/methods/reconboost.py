@@ -148,6 +148,7 @@ class ReconBoost(MultimodalMethod):
     """
 
     needs_several_modalities = "ReconBoost alternates between modalities"
+    runs_encoders_alone = "ReconBoost trains one modality's learner at a time"
 
     def __init__(
         self,
@@ -165,9 +166,6 @@ class ReconBoost(MultimodalMethod):
     ) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = False
-        if self.model.mid_fusion is not None:
-            raise ValueError("ReconBoost trains one modality's learner at a time, but model.mmtm links the encoders: "
-                             "set model.mmtm=null")
         options.integer("learner_epochs", learner_epochs, 1)
         options.integer("correction_epochs", correction_epochs, 0)
         options.integer("warmup_epochs", warmup_epochs, 0)
@@ -230,8 +228,7 @@ class ReconBoost(MultimodalMethod):
         features = {}
         for m in self.modalities:
             with torch.set_grad_enabled(m in trained and torch.is_grad_enabled()):
-                f = self.model.encoders[m](inputs[m])
-                features[m] = self.model.projections[m](f) if m in self.model.projections else f
+                features[m] = self.model.encode_modality(m, inputs[m])
         return features
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

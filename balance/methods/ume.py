@@ -28,15 +28,14 @@ class UnimodalEnsemble(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    runs_encoders_alone = "UME trains each modality's model on its own"
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(self.model.fusion, (LateFusion, SumFusion)):
             raise ValueError(f"UME trains a classifier per modality, but the fusion head is "
                              f"{type(self.model.fusion).__name__}: use model/fusion=late_fusion (method=ume "
                              "selects it) or sum")
-        if self.model.mid_fusion is not None:
-            raise ValueError("UME trains each modality's model on its own, but model.mmtm links the encoders: set "
-                             "model.mmtm=null")
 
     def loss_terms(self, step: Step) -> Mapping[str, torch.Tensor]:
         return {f"unimodal_{m}": loss for m, loss in self.unimodal_losses(step).items()}

@@ -28,12 +28,11 @@ class UnimodalTraining(MultimodalMethod):
         **kwargs: the base method's arguments (model, optimizer, scheduler).
     """
 
+    runs_encoders_alone = "method=unimodal trains one encoder alone"
+
     def __init__(self, modality: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         options.one_of("modality", modality, self.modalities)
-        if self.model.mid_fusion is not None:
-            raise ValueError("method=unimodal trains one encoder alone, but model.mmtm links the encoders: set "
-                             "model.mmtm=null")
         self.modality = modality
         for other in self.modalities:
             if other == modality:

@@ -68,11 +68,17 @@ class MultimodalModel(nn.Module):
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
             raise KeyError(f"batch has no input for modalities {missing}; it has {list(inputs)}")
-        if self.mid_fusion is not None:
-            encoded = self.mid_fusion(self.encoders, inputs)
-        else:
-            encoded = {m: self.encoders[m](inputs[m]) for m in self.modalities}
-        return {m: self.projections[m](f) if m in self.projections else f for m, f in encoded.items()}
+        if self.mid_fusion is None:
+            return {m: self.encode_modality(m, inputs[m]) for m in self.modalities}
+        return {m: self.project(m, f) for m, f in self.mid_fusion(self.encoders, inputs).items()}
+
+    def encode_modality(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """One modality's features from its encoder (and projection) alone, without mid-fusion."""
+        return self.project(modality, self.encoders[modality](inputs))
+
+    def project(self, modality: str, features: torch.Tensor) -> torch.Tensor:
+        """``modality``'s projection of its encoder's output (the output itself where it has none)."""
+        return self.projections[modality](features) if modality in self.projections else features
 
     def fuse(self, features: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         """Fused logits; ``keep`` (``BoolTensor[B, M]``, modality order) drops modalities by zeroing their features."""
