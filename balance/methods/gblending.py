@@ -13,7 +13,7 @@ overfits and generalises over a super-epoch of ``n`` epochs, measured on the tra
 At every super-epoch boundary (every ``super_epoch`` epochs, from epoch 0 on) the weights are estimated anew and
 the main model trains with them until the next one. Two estimates:
 
-- ``clones`` (the G-Blend estimate, as DESIGN.md and BalanceBenchmark's port run it): a copy of each unimodal
+- ``clones`` (the G-Blend estimate, as BalanceBenchmark's port runs it): a copy of each unimodal
   branch (encoder and its own head) and of the fused model, taken from the main model, trains alone on its own
   cross-entropy for ``estimate_epochs`` epochs; its losses before and after give its ``Delta O`` and ``Delta G``.
   With ``super_epoch >= trainer.max_epochs`` there is one estimate, from the initial model: the paper's offline
