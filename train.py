@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from balance.console import log_lightning_through_root
 from balance.overrides import expand_home
 from balance.run import run
+from balance.sweeps.plugins import check_plugins
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -20,4 +21,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     sys.argv[1:] = expand_home(sys.argv[1:])
+    check_plugins(sys.argv[1:])
     main()

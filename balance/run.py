@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -23,6 +24,7 @@ from balance.methods import MultimodalMethod
 from balance.option_types import check_options
 from balance.report import format_results
 from balance.selection import PROTOCOLS, apply_protocol
+from balance.sweeps.devices import own_device
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,26 @@ def _strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs ``cfg.task``: ``train`` (the default) or ``evaluate``."""
+    """Runs ``cfg.task``: ``train`` (the default) or ``evaluate``, on a GPU of its own when it is one of several
+    runs a parallel local launcher runs at once (:func:`balance.sweeps.devices.own_device`)."""
+    _refuse_study_without_multirun()
     task = cfg.get("task", "train")
-    if task == "train":
-        return train(cfg)
-    if task == "evaluate":
-        return evaluate(cfg)
-    raise ValueError(f"task={task!r}: expected train or evaluate")
+    if task not in ("train", "evaluate"):
+        raise ValueError(f"task={task!r}: expected train or evaluate")
+    with own_device(cfg) as cfg:
+        return train(cfg) if task == "train" else evaluate(cfg)
+
+
+def _refuse_study_without_multirun() -> None:
+    """An ``hparams_search`` preset configures a sweeper, which only a multirun uses: without ``-m`` it would
+    train once, with the defaults, and look like a study."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    study = hydra.runtime.choices.get("hparams_search")
+    if study not in (None, "null") and hydra.mode != RunMode.MULTIRUN:
+        raise ValueError(f"hparams_search={study} is a study of many runs: run it as a multirun, "
+                         f"python train.py -m hparams_search={study} ...")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
