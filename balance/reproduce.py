@@ -25,6 +25,9 @@ whatever runs are done; a diagnostic's columns and figure are those its class de
 ``table_figure`` of :class:`~balance.diagnostics.base.Diagnostic`), the class found by the ``_target_`` of its
 config (``conf/diagnostics/<name>.yaml``, or the runs' own).
 
+Every command is a Hydra multirun, so ``--launcher NAME`` (``hydra/launcher=NAME`` for all of them) sends every
+run through a launcher: ``--launcher slurm --parallel 8`` queues eight rows' seeds on a SLURM cluster at once.
+
 ``--evaluate NAME`` trains nothing: it evaluates every finished run's selected checkpoint with the overrides given
 (``task=evaluate``, e.g. ``-- "diagnostics=[mm_shap]"``) into ``<run>/NAME/``, and the table adds the numbers, so a
 diagnostic can be added to a finished table without retraining.
@@ -40,6 +43,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +54,7 @@ from hydra.utils import get_class
 from balance.overrides import expand_home
 from balance.paired import paired_markdown, paired_rows, save_paired_figure
 from balance.reproduce_figures import Keys, epoch_metrics, mean_std, write_figures
+from balance.sweeps.plugins import check_plugins
 
 if TYPE_CHECKING:
     from balance.diagnostics.base import Diagnostic
@@ -191,20 +196,20 @@ def commands(runs: list[Run], protocol: str, extra: list[str]) -> list[tuple[lis
     """The commands that complete the trained rows' ``runs``: per row, one multirun over its pending seeds, and
     one resuming run per partial seed (rows that evaluate another row's checkpoints: :func:`derived_commands`)."""
     result = []
-    base = [sys.executable, str(TRAIN)]
+    base = [sys.executable, str(TRAIN), "-m"]
     for row in dict.fromkeys(run.row.name for run in runs if run.row.evaluate_from is None):
         row_runs = [run for run in runs if run.row.name == row]
         pending = [run for run in row_runs if run.status == "pending"]
         if pending:
             sweep = pending[0].directory.parent
-            result.append((pending, [*base, "-m", *pending[0].row.overrides,
+            result.append((pending, [*base, *pending[0].row.overrides,
                                      f"seed={','.join(str(run.seed) for run in pending)}", f"protocol={protocol}",
                                      *extra, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=seed${seed}"]))
         for run in row_runs:
             if run.status == "partial":
                 result.append(([run], [*base, *run.row.overrides, f"seed={run.seed}", f"protocol={protocol}", *extra,
                                        f"ckpt_path={run.directory / 'checkpoints' / 'last.ckpt'}",
-                                       f"hydra.run.dir={run.directory}"]))
+                                       *_one_run_into(run.directory)]))
     return result
 
 
@@ -213,8 +218,14 @@ def _evaluation(run: Run, overrides: list[str], directory: Path) -> list[str]:
     checkpoint = json.loads((run.directory / "results.json").read_text()).get("best_checkpoint")
     if not checkpoint:
         raise ValueError(f"{run.directory}/results.json names no checkpoint to evaluate")
-    return [sys.executable, str(TRAIN), "task=evaluate", f"ckpt_path={checkpoint}", *overrides,
-            f"hydra.run.dir={directory}"]
+    return [sys.executable, str(TRAIN), "-m", "task=evaluate", f"ckpt_path={checkpoint}", *overrides,
+            *_one_run_into(directory)]
+
+
+def _one_run_into(directory: Path) -> list[str]:
+    """The overrides that put the one run of a multirun (``train.py -m``) in ``directory``: every command is a
+    multirun, so that a launcher given to all of them (``--launcher``) runs each of them."""
+    return [f"hydra.sweep.dir={directory.parent}", f"hydra.sweep.subdir={directory.name}"]
 
 
 def derived_commands(runs: list[Run], extra: list[str], sources: list[Run]) -> list[tuple[list[Run], list[str]]]:
@@ -384,20 +395,25 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
     return text
 
 
-def _run_all(todo: list[tuple[list[Run], list[str]]]) -> list[str]:
-    """Runs the commands one after another (progress on stdout); returns the labels of those that failed."""
-    failed = []
-    for number, (batch, command) in enumerate(todo, start=1):
+def _run_all(todo: list[tuple[list[Run], list[str]]], parallel: int = 1) -> list[str]:
+    """Runs the commands, ``parallel`` at a time (progress on stdout); returns the labels of those that failed."""
+
+    def run_one(number: int, batch: list[Run], command: list[str]) -> str | None:
         label = ", ".join(f"{run.row.name} seed={run.seed}" for run in batch)
         print(f"[{number}/{len(todo)}] {label}", flush=True)
-        if subprocess.run(command, cwd=REPO).returncode != 0:
-            failed.append(label)
-    return failed
+        code = subprocess.run(command, cwd=REPO).returncode
+        if parallel > 1:
+            print(f"[{number}/{len(todo)}] {'done' if code == 0 else f'failed ({code})'}: {label}", flush=True)
+        return label if code != 0 else None
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        outcomes = list(pool.map(lambda job: run_one(job[0], *job[1]), enumerate(todo, start=1)))
+    return [label for label in outcomes if label is not None]
 
 
 def main(argv: list[str] | None = None) -> None:
     """``balance-reproduce TABLE [--seeds N] [--out DIR] [--protocol val|paper] [--rows R,..] [--evaluate NAME]
-    [--dry-run] [-- overrides]``."""
+    [--launcher NAME] [--parallel K] [--dry-run] [-- overrides]``."""
     parser = argparse.ArgumentParser(
         prog="balance-reproduce", description=__doc__.split("\n\n")[0],
         epilog="Overrides after `--` go to every run, e.g. `-- data.root=/data/crema_d trainer=gpu`.")
@@ -409,6 +425,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="model selection: val (default) or paper (best test epoch, as the papers)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their status and the commands")
     parser.add_argument("--rows", help="comma-separated row names to run (default all)")
+    parser.add_argument("--launcher", metavar="NAME",
+                        help="the Hydra launcher of every run, e.g. slurm (a SLURM job per run, pip install -e "
+                             "'.[cluster]'), joblib (parallel local runs, one GPU each)")
+    parser.add_argument("--parallel", type=int, default=1, metavar="K",
+                        help="commands (a row's seeds, a resumed run, an evaluation) in flight at once (default 1; "
+                             "with --launcher slurm, e.g. the number of rows, so the whole table is queued)")
     parser.add_argument("--evaluate", metavar="NAME",
                         help="train nothing: evaluate each finished run's selected checkpoint with the overrides "
                              "after -- (e.g. more diagnostics) into <run>/NAME/; the table adds their numbers")
@@ -417,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    if args.parallel < 1:
+        parser.error("--parallel takes a number >= 1")
+    if args.launcher:
+        extra.append(f"hydra/launcher={args.launcher}")
+    check_plugins(extra)
     try:
         title, rows = load_table(args.table)
     except (FileNotFoundError, ValueError) as error:
@@ -442,9 +469,9 @@ def main(argv: list[str] | None = None) -> None:
         for _, command in todo + ([] if args.evaluate else derived_commands(runs, extra, every_run)):
             print(shlex.join(command))
         return
-    failed = _run_all(todo)
+    failed = _run_all(todo, args.parallel)
     if not args.evaluate:  # the rows evaluating other rows' checkpoints, now that those are trained
-        failed += _run_all(derived_commands(runs, extra, every_run))
+        failed += _run_all(derived_commands(runs, extra, every_run), args.parallel)
     # The table covers every row and every seed run so far, whichever subset this call ran.
     seeds = set(range(args.seeds)) | {int(p.name.removeprefix("seed")) for p in out.glob("*/seed*")
                                       if re.fullmatch(r"seed\d+", p.name)}
