@@ -43,7 +43,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +117,17 @@ class Row:
     evaluate_from: str | None = None  # trains nothing: evaluates this row's checkpoints with the overrides
     baseline: str | None = None  # the row it is compared with, seed by seed (balance.paired)
 
+    @property
+    def directory_name(self) -> str:
+        """The name of the directory of the row's runs (``OUT/<directory_name>/seed<seed>/``)."""
+        return self.name.replace("/", "__")
+
+    def needs(self, rows: list[Row]) -> set[str]:
+        """The other rows whose runs this row's overrides name (UMT's teachers, ``../../<row>/seed${seed}``): with
+        ``--parallel``, its runs start only once theirs have ended."""
+        text = " ".join(self.overrides)
+        return {row.name for row in rows if row is not self and f"/{row.directory_name}/" in text}
+
 
 @dataclass
 class Run:
@@ -189,7 +200,7 @@ def _variants(entry: dict, name: str, path: Path) -> list[tuple[str, list[str], 
 
 
 def plan_runs(rows: list[Row], seeds: list[int], out: Path) -> list[Run]:
-    return [Run(row, seed, out / row.name.replace("/", "__") / f"seed{seed}") for row in rows for seed in seeds]
+    return [Run(row, seed, out / row.directory_name / f"seed{seed}") for row in rows for seed in seeds]
 
 
 def commands(runs: list[Run], protocol: str, extra: list[str]) -> list[tuple[list[Run], list[str]]]:
@@ -396,7 +407,10 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
 
 
 def _run_all(todo: list[tuple[list[Run], list[str]]], parallel: int = 1) -> list[str]:
-    """Runs the commands, ``parallel`` at a time (progress on stdout); returns the labels of those that failed."""
+    """Runs the commands, ``parallel`` at a time in table order, a row's only once the rows it needs
+    (:meth:`Row.needs`) have none left to run; progress on stdout. Returns the labels of those that failed."""
+    rows = list({batch[0].row.name: batch[0].row for batch, _ in todo}.values())
+    needs = {row.name: row.needs(rows) for row in rows}
 
     def run_one(number: int, batch: list[Run], command: list[str]) -> str | None:
         label = ", ".join(f"{run.row.name} seed={run.seed}" for run in batch)
@@ -406,9 +420,25 @@ def _run_all(todo: list[tuple[list[Run], list[str]]], parallel: int = 1) -> list
             print(f"[{number}/{len(todo)}] {'done' if code == 0 else f'failed ({code})'}: {label}", flush=True)
         return label if code != 0 else None
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        outcomes = list(pool.map(lambda job: run_one(job[0], *job[1]), enumerate(todo, start=1)))
-    return [label for label in outcomes if label is not None]
+    failed: list[str] = []
+    waiting = list(enumerate(todo, start=1))
+    running: dict[Future, str] = {}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        while waiting or running:
+            for item in list(waiting):
+                number, (batch, command) = item
+                row = batch[0].row.name
+                busy = {b[0].row.name for _, (b, _) in waiting if b[0].row.name != row} | set(running.values())
+                if len(running) >= parallel or (needs[row] & busy and running):
+                    continue
+                waiting.remove(item)
+                running[pool.submit(run_one, number, batch, command)] = row
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                if future.result() is not None:
+                    failed.append(future.result())
+    return failed
 
 
 def main(argv: list[str] | None = None) -> None:

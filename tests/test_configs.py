@@ -40,6 +40,9 @@ def test_every_yaml_is_covered():
     covered |= {f"experiment/{name}.yaml" for name in _configs("experiment", nested=True)}
     covered |= {f"recipe/{name}.yaml" for name in _configs("recipe")}  # see test_every_recipe_is_used
     covered |= {f"reproduce/{name}.yaml" for name in _configs("reproduce")}  # tables: tests/test_reproduce.py
+    covered |= {f"hparams_search/{name}.yaml" for name in _configs("hparams_search")}  # tests/test_sweeps.py
+    covered |= {f"hydra/sweeper/{name}.yaml" for name in _configs("hydra/sweeper")}  # tests/test_sweeps.py
+    covered |= {f"hydra/launcher/{name}.yaml" for name in _configs("hydra/launcher")}  # tests/test_launchers.py
     assert set(_all_yaml()) <= covered, set(_all_yaml()) - covered
 
 

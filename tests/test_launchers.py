@@ -122,3 +122,26 @@ def test_the_study_sweeper_without_its_plugin_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "balance.sweeps.study", None)  # as if hydra-optuna-sweeper were missing
     with pytest.raises(ImportError, match=r"hydra-optuna-sweeper.*\[sweep\]"):
         StudySweeper(n_trials=1)
+
+
+def test_parallel_commands_wait_for_the_rows_they_need(tmp_path):
+    """With --parallel, a row whose overrides name another row's runs (UMT's teachers) starts after that row's
+    commands end, while an independent row runs beside them."""
+    from balance.reproduce import Row, Run, _run_all
+
+    log = tmp_path / "log"
+
+    def command(name: str, sleep: float) -> list[str]:
+        return [sys.executable, "-c", f"import time; open({str(log)!r}, 'a').write('{name}-start '); "
+                                      f"time.sleep({sleep}); open({str(log)!r}, 'a').write('{name}-end ')"]
+
+    teacher = Row("unimodal/audio", ["method=unimodal"])
+    student = Row("umt", ["method.teachers={audio: '${run_dir}/../../unimodal__audio/seed${seed}'}"])
+    other = Row("joint", ["method=joint"])
+    assert student.needs([teacher, student, other]) == {"unimodal/audio"} and not other.needs([teacher, other])
+    todo = [([Run(teacher, 0, tmp_path)], command("teacher", 1.0)), ([Run(student, 0, tmp_path)], command("student", 0)),
+            ([Run(other, 0, tmp_path)], command("other", 0))]
+    assert _run_all(todo, parallel=3) == []
+    events = log.read_text().split()
+    assert events.index("student-start") > events.index("teacher-end")
+    assert events.index("other-end") < events.index("teacher-end"), "the independent row ran beside the teacher"

@@ -130,3 +130,29 @@ def test_the_report_of_a_study_with_known_values(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [float(r["value"]) for r in rows] == pytest.approx(values)
     assert [float(r["x"]) for r in rows] == pytest.approx([t.params["x"] for t in study.trials])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")))
+def test_every_search_space_names_options_its_method_has(name):
+    """Each preset's parameters are keys of the composed config, and an override with the lowest value of each
+    composes and passes the run's option checks (a typo would make every trial fail)."""
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from omegaconf import OmegaConf
+
+    from balance.run import check_run_options
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={name}", "run_dir=/tmp/unused"], return_hydra_config=True)
+        assert cfg.hydra.sweeper._target_.endswith("StudySweeper")
+        assert OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"].startswith("sweeps/")
+        params = {key: str(value) for key, value in cfg.hydra.sweeper.params.items()}
+        distributions, _ = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+        assert set(distributions) == set(params) and params
+        lowest = []
+        for key, distribution in distributions.items():
+            assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None, key
+            value = distribution.choices[0] if hasattr(distribution, "choices") else distribution.low
+            lowest.append(f"{key}={value}")
+        trial = compose("train", overrides=[f"hparams_search={name}", *lowest, "run_dir=/tmp/unused"])
+    check_run_options(trial)
