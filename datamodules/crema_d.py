@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.cache import PreparedCacheDataModule
-from datamodules.clips import ClipDataset, clip_cached, write_clip
+from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached, write_clip
 from datamodules.preparation import (
     not_a_directory,
     missing_cache_error,
@@ -232,7 +231,7 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
 # Dataset and datamodule
 
 
-class CremaDDataModule(PreparedCacheDataModule):
+class CremaDDataModule(ClipCacheDataModule):
     """CREMA-D from the prepared cache: audio spectrogram ``[1, 257, 188]`` + frames ``[T, 3, S, S]``, 6 classes.
 
     Args:
@@ -248,7 +247,7 @@ class CremaDDataModule(PreparedCacheDataModule):
             validation.
         test_fraction: fraction in test (unused with ``files``).
         num_frames: frames per clip (``T``); OGM-GE uses 1 on CREMA-D, MLA 3.
-        **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s (``image_size``, ``augment``) and the
+        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``frames``, ``pack_dir``) and its base's (``image_size``, ``augment``) and the
             base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
@@ -314,5 +313,7 @@ class CremaDDataModule(PreparedCacheDataModule):
         parts = self._split_indices(clips, actors, labels)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
         self.split_actors = {name: sorted(set(actors[idx].tolist())) for name, idx in parts.items()}
+        pack = self.frame_pack(clips, frames)
         return self.split_datasets(parts, lambda idx, train: ClipDataset(
-            self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train))
+            self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
+            pack=pack))

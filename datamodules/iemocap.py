@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.cache import PreparedCacheDataModule
-from datamodules.clips import ClipDataset, clip_cached
+from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached
 from datamodules.iemocap_prepare import CACHE_LAYOUT, CACHE_VERSION, COMMAND
 from datamodules.iemocap_prepare import main as prepare_main  # noqa: F401 (balance-prepare finds it here)
 from datamodules.iemocap_raw import CLASSES, RAW_LAYOUT, SOURCE, session_dirs
@@ -50,7 +49,7 @@ class IEMOCAPDataset(ClipDataset):
         return item
 
 
-class IEMOCAPDataModule(PreparedCacheDataModule):
+class IEMOCAPDataModule(ClipCacheDataModule):
     """IEMOCAP from the prepared cache: filter bank ``[1, 128, 1024]`` + frames ``[T, 3, S, S]`` + transcript
     token ids ``[max_length]``, 4 classes (neutral, angry, sad, happy with excited merged).
 
@@ -178,6 +177,7 @@ class IEMOCAPDataModule(PreparedCacheDataModule):
         tokens = self.vocab.encode_batch(texts, self.max_length)
         frames = np.full(len(rows), int(meta["frames"]))
 
+        pack = self.frame_pack(names, frames)
         return self.split_datasets(parts, lambda idx, train: IEMOCAPDataset(
             self.root, [names[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
-            tokens=tokens[torch.from_numpy(idx)]))
+            pack=pack, tokens=tokens[torch.from_numpy(idx)]))

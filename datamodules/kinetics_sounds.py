@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.cache import PreparedCacheDataModule
-from datamodules.clips import ClipDataset, clip_cached
+from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached
 from datamodules.kinetics_sounds_prepare import CACHE_LAYOUT, CACHE_VERSION, COMMAND, PROG
 from datamodules.kinetics_sounds_prepare import main as prepare_main  # noqa: F401 (balance-prepare finds it here)
 from datamodules.kinetics_sounds_raw import (
@@ -73,7 +72,7 @@ class KineticsSoundsDataset(ClipDataset):
         return frame_indices(available, self.num_frames, self.train)
 
 
-class KineticsSoundsDataModule(PreparedCacheDataModule):
+class KineticsSoundsDataModule(ClipCacheDataModule):
     """Kinetics-Sounds from the prepared cache: fbank ``[1, 1024, 128]`` + frames ``[T, 3, S, S]``, 31 classes.
 
     Args:
@@ -92,7 +91,7 @@ class KineticsSoundsDataModule(PreparedCacheDataModule):
         augment: training items draw their frames at random within the segments and get random resized crop +
             horizontal flip (the papers'); without it, and always in evaluation: the segments' middle frames, resize
             + centre crop.
-        **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s (``image_size``) and the base
+        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``frames``, ``pack_dir``) and its base's (``image_size``) and the base
             datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
@@ -177,5 +176,7 @@ class KineticsSoundsDataModule(PreparedCacheDataModule):
         clips, labels, raw_splits, frames = self._read_clips()
         parts = self._split_indices(clips, labels, raw_splits)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
+        pack = self.frame_pack(clips, frames)
         return self.split_datasets(parts, lambda idx, train: KineticsSoundsDataset(
-            self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train))
+            self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
+            pack=pack))

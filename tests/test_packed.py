@@ -1,0 +1,109 @@
+"""Decoded frames in a memory-mapped pack: the pack format, items equal to decoding the JPEG cache per item (the
+same crops under the same seed), built once and again when the cache changes, the errors; the fused
+normalisation equals torchvision's."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.crema_d import CLASSES, CremaDDataModule
+from datamodules.packed import Pack, write_pack
+from datamodules.prepare import main as balance_prepare
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageNetNormalize
+from raw_media import write_flv, write_wav
+
+CLIPS = [f"{actor}_DFA_{emotion}_XX" for actor in (1001, 1002, 1003, 1004) for emotion in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("CREMA-D")
+    (raw / "AudioWAV").mkdir()
+    (raw / "VideoFlash").mkdir()
+    for i, clip in enumerate(CLIPS):
+        seconds = 1.6 + 0.5 * (i % 3)  # 2 to 3 frames at 1 fps
+        write_wav(raw / "AudioWAV" / f"{clip}.wav", seconds, freq=200 + 20 * i)
+        write_flv(raw / "VideoFlash" / f"{clip}.flv", seconds, colour=(10 * i, 255 - 10 * i, 60 + 5 * i))
+    out = tmp_path_factory.mktemp("crema_d_cache")
+    balance_prepare(["crema_d", "--raw", str(raw), "--out", str(out), "--workers", "1"])
+    return out
+
+
+def datamodule(root: Path, **kwargs) -> CremaDDataModule:
+    dm = CremaDDataModule(root=str(root), num_frames=2, batch_size=4, num_workers=0, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_a_pack_returns_each_array_as_written(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"item{i}": rng.integers(0, 255, (i + 1, 3, 5 + i, 7), dtype=np.uint8) for i in range(4)}
+    write_pack(arrays.items(), tmp_path / "p", source="abc")
+    pack = Pack(tmp_path / "p")
+    assert pack.source == "abc" and pack.nbytes == sum(a.nbytes for a in arrays.values())
+    for key, array in arrays.items():
+        assert np.array_equal(pack[key], array) and not pack[key].flags.writeable
+    copy = pickle.loads(pickle.dumps(pack))  # as DataLoader workers get it: the map reopens there
+    assert np.array_equal(copy["item2"][[0, 2]], arrays["item2"][[0, 2]])
+    with pytest.raises(ValueError, match="float32"):
+        write_pack([("a", np.zeros((2, 2), np.uint8)), ("b", np.zeros((2, 2), np.float32))], tmp_path / "q")
+    assert not (tmp_path / "q.json").exists(), "a failed write leaves no pack"
+
+
+def test_decoded_frames_give_the_items_the_jpeg_cache_gives(cache):
+    decoded, jpeg = datamodule(cache), datamodule(cache, frames="jpeg")
+    assert (cache / "packed" / "frames.bin").is_file()
+    for split in ("train", "val", "test"):
+        a, b = decoded.datasets[split].dataset, jpeg.datasets[split].dataset
+        assert a.pack is not None and b.pack is None
+        for i in range(len(a)):
+            torch.manual_seed(i)  # training: the same frames and crop from both stores
+            x = a[i]
+            torch.manual_seed(i)
+            y = b[i]
+            assert x["label"] == y["label"]
+            assert torch.equal(x["inputs"]["visual"], y["inputs"]["visual"])
+            assert torch.equal(x["inputs"]["audio"], y["inputs"]["audio"])
+    batch = next(iter(decoded.train_dataloader()))
+    assert batch["inputs"]["visual"].shape == (4, 2, 3, 224, 224)
+
+
+def test_the_pack_is_built_once_and_again_when_the_cache_changes(cache, tmp_path):
+    pack_dir = tmp_path / "pack"
+    datamodule(cache, pack_dir=str(pack_dir))
+    written = (pack_dir / "frames.bin").stat().st_mtime_ns
+    datamodule(cache, pack_dir=str(pack_dir))
+    assert (pack_dir / "frames.bin").stat().st_mtime_ns == written, "reused"
+    index = json.loads((pack_dir / "frames.json").read_text())
+    index["source"] = "another cache"
+    (pack_dir / "frames.json").write_text(json.dumps(index))
+    datamodule(cache, pack_dir=str(pack_dir))
+    assert (pack_dir / "frames.bin").stat().st_mtime_ns != written, "a pack of another cache is written again"
+    counts = {c: len(list((cache / "visual" / c).glob("*.jpg"))) for c in CLIPS}
+    pack = Pack(pack_dir / "frames")
+    assert {c: pack.shapes[pack.position[c]][0] for c in CLIPS} == counts
+
+
+def test_bad_frame_options_are_refused(cache, tmp_path):
+    with pytest.raises(ValueError, match="decoded or jpeg"):
+        CremaDDataModule(root=str(cache), frames="png")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(OSError, match="data.frames=jpeg"):
+        datamodule(cache, pack_dir=str(blocked / "pack"))
+
+
+def test_the_fused_normalisation_equals_torchvisions():
+    from torchvision.transforms import v2
+
+    images = torch.randint(0, 256, (2, 3, 17, 19), dtype=torch.uint8)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    assert torch.allclose(ImageNetNormalize()(images), reference(images), atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        ImageNetNormalize()(images.float())
