@@ -5,10 +5,10 @@ Writes ``--clips`` synthetic clips in CREMA-D's raw layout (``AudioWAV/<clip>.wa
 ``balance-prepare crema_d`` on them, then times per-item loading (one process, one thread, items read in order,
 ``__getitem__`` only, no collation) of:
 
-- ``prepared``: :class:`ClipDataset` as training uses it (``data.frames=decoded``, the default): the cached
-  float16 spectrogram (``np.load``) and one 1 fps frame (224 short side) read from the decoded frame pack, with
-  the training transforms (RandomResizedCrop 224 + flip + normalise);
-- ``prepared, JPEG frames``: the same with ``data.frames=jpeg``: the frame decoded from the cache's JPEG;
+- ``prepared``: :class:`ClipDataset` as training uses it (``data.store=packed``, the default): the float16
+  spectrogram and one 1 fps frame (224 short side, decoded) read from the memory-mapped packs, with the training
+  transforms (RandomResizedCrop 224 + flip + normalise);
+- ``prepared, files``: the same with ``data.store=files``: the cache's ``.npy`` (``np.load``) and JPEG file;
 - ``reference``: the reference loaders' way (OGM-GE's ``CramedDataset``, MLA's): decode the wav, resample to
   22,050 Hz (torchaudio's default sinc filter, cheaper than the ``kaiser_best`` filter the preparation and
   librosa < 0.10 use, so the ratio errs low), tile to 3 s, clip, STFT (n_fft 512, hop 353), ``log(|S| + 1e-7)``; the
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image
     from torchvision import transforms as T
 
-    from datamodules.clips import ClipDataset, frame_pack
+    from datamodules.clips import ClipDataset, clip_packs
     from datamodules.crema_d import parse_clip, prepare
     from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
     from datamodules.media import extract_frames, save_frames
@@ -144,17 +144,17 @@ def main(argv: list[str] | None = None) -> None:
 
     frames = [len(list((out / "visual" / c).glob("*.jpg"))) for c in clips]
     labels = [EMOTIONS.index(parse_clip(c)[1]) for c in clips]
-    pack = frame_pack(out, clips, frames, out / "packed")
-    prepared = ClipDataset(out, clips, labels, frames, num_frames=1, image_size=224, train=True, pack=pack)
-    prepared_jpeg = ClipDataset(out, clips, labels, frames, num_frames=1, image_size=224, train=True)
+    packs = clip_packs(out, clips, frames, out / "packed")
+    prepared = ClipDataset(out, clips, labels, frames, num_frames=1, image_size=224, train=True, packs=packs)
+    prepared_files = ClipDataset(out, clips, labels, frames, num_frames=1, image_size=224, train=True)
     pil_transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
                                T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def prepared_item(i):
         return prepared[i]
 
-    def prepared_jpeg_item(i):
-        return prepared_jpeg[i]
+    def prepared_files_item(i):
+        return prepared_files[i]
 
     def reference_item(i):
         audio = reference_audio(raw / "AudioWAV" / f"{clips[i]}.wav")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {
         "prepared": prepared_item,
-        "prepared, JPEG frames": prepared_jpeg_item,
+        "prepared, files": prepared_files_item,
         "reference": reference_item,
         "reference, OGM-GE frames": reference_ogm_item,
         "prepared, audio only": prepared_audio,
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     rate = {name: len(clips) / statistics.median(t) for name, t in totals.items()}
 
     rows = [
-        ("prepared cache: spectrogram + 1 decoded frame (pack), training transforms", "prepared", None),
-        ("prepared cache, JPEG frames (data.frames=jpeg)", "prepared, JPEG frames", None),
+        ("prepared cache, packed: spectrogram + 1 decoded frame, training transforms", "prepared", None),
+        ("prepared cache, files: np.load + the frame's JPEG (data.store=files)", "prepared, files", None),
         ("decode wav + resample + STFT per item, decode the same frame's JPEG", "reference", "prepared"),
         ("decode wav + resample + STFT per item, OGM-GE's 480x360 frame via PIL", "reference, OGM-GE frames",
          "prepared"),
@@ -221,13 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     for label, name, against in rows:
         ratio = f"{rate[against] / rate[name]:.1f}x" if against else ""
         print(f"| {label} | {rate[name]:.0f} | {ratio} |")
-    print(f"\nprepared with JPEG frames is faster than the reference (same frame) by "
-          f"{rate['prepared, JPEG frames'] / rate['reference']:.1f}x")
+    print(f"\nprepared from the files (data.store=files) is faster than the reference (same frame) by "
+          f"{rate['prepared, files'] / rate['reference']:.1f}x")
     jpeg_bytes = sum(p.stat().st_size for c in clips for p in (out / "visual" / c).glob("*.jpg"))
     audio_bytes = sum((out / "audio" / f"{c}.npy").stat().st_size for c in clips)
     per = 1e3 * len(clips)
     print(f"\ndisk per clip ({sum(frames) / len(clips):.2f} frames at 1 fps): spectrogram {audio_bytes / per:.0f} kB, "
-          f"JPEG frames {jpeg_bytes / per:.0f} kB, decoded frame pack {pack.nbytes / per:.0f} kB")
+          f"JPEG frames {jpeg_bytes / per:.0f} kB; packs: decoded frames {packs.frames.nbytes / per:.0f} kB, audio "
+          f"{packs.audio.nbytes / per:.0f} kB")
 
 
 if __name__ == "__main__":

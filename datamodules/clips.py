@@ -6,7 +6,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import shutil
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,10 @@ from datamodules.transforms import frame_transform
 
 log = logging.getLogger(__name__)
 
-#: where training reads frames from: decoded once into a memory-mapped pack, or the cache's JPEG files per item
-FRAME_STORES = ("decoded", "jpeg")
+#: where training reads items from: memory-mapped packs of the decoded frames and the audio arrays, or the files
+STORES = ("packed", "files")
+#: the packs' layout; a pack of another layout is written again
+PACK_VERSION = 2
 
 
 class ClipError(MediaError):
@@ -72,80 +76,120 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
         raise ClipError("; ".join(problems))
 
 
+@dataclass
+class ClipPacks:
+    """A clip cache's items in packs (:mod:`datamodules.packed`): each clip's decoded frames (``uint8
+    [frames, H, W, 3]``: channels last, the layout torch's uint8 resize works in, which saves it a repacking copy)
+    and its audio array (as cached)."""
+
+    frames: Pack
+    audio: Pack
+
+
 def _decoded_frames(root: Path, clips: Sequence[str], counts: Sequence[int]) -> Iterator[tuple[str, np.ndarray]]:
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    for clip, count in zip(tqdm(clips, desc="decoding frames into the pack", unit="clip", dynamic_ncols=True),
-                           counts):
+    for clip, count in zip(tqdm(clips, desc="packing decoded frames", unit="clip", dynamic_ncols=True), counts):
         directory = root / "visual" / clip
         images = [decode_jpeg(read_file(str(directory / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
                   for k in range(int(count))]
         if len({tuple(image.shape) for image in images}) != 1:
-            raise ValueError(f"the frames of {directory} differ in size; prepare the cache again, or read the JPEG "
-                             "files (data.frames=jpeg)")
-        yield clip, torch.stack(images).numpy()
+            raise ValueError(f"the frames of {directory} differ in size; prepare the cache again, or read the "
+                             "cache's files (data.store=files)")
+        yield clip, torch.stack(images).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def frame_pack(root: Path, clips: Sequence[str], counts: Sequence[int], directory: Path) -> Pack:
-    """The frames of ``clips`` (``counts`` JPEG files each in ``root/visual/<clip>/``) decoded into the pack
-    ``directory/frames`` (``uint8 [frames, 3, H, W]`` per clip), written on first use and again when the cache
-    changes (another ``meta.json``) or holds clips the pack lacks. Runs packing the same cache at once (DDP ranks,
-    parallel runs) wait for the first, which writes it."""
+def _audio_arrays(root: Path, clips: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for clip in tqdm(clips, desc="packing audio arrays", unit="clip", dynamic_ncols=True):
+        yield clip, np.load(root / "audio" / f"{clip}.npy")
+
+
+def _check_space(root: Path, clips: Sequence[str], counts: Sequence[int], directory: Path, frames: bool,
+                 audio: bool) -> None:
+    """Refuses to start packs the disk cannot hold (the frames' size from the first clip's, the audio's from the
+    ``.npy`` files), naming the size and the ways out."""
+    from torchvision.io import decode_jpeg, read_file
+
+    need = 0
+    if frames and clips:
+        first = decode_jpeg(read_file(str(root / "visual" / clips[0] / "00000.jpg")))
+        need += int(sum(int(c) for c in counts) * first.numel())
+    if audio:
+        need += sum((root / "audio" / f"{clip}.npy").stat().st_size for clip in clips)
+    free = shutil.disk_usage(directory).free
+    if need > 0.95 * free:
+        raise OSError(f"the packs of {len(clips)} clips need about {need / 1e9:.1f} GB, and {directory} has "
+                      f"{free / 1e9:.1f} GB free: give data.pack_dir=<a larger disk>, or read the cache's files per "
+                      "item with data.store=files (no extra disk, slower)")
+
+
+def clip_packs(root: Path, clips: Sequence[str], counts: Sequence[int], directory: Path) -> ClipPacks:
+    """The packs of ``clips`` (``counts`` JPEG frames each in ``root/visual/<clip>/``, audio in
+    ``root/audio/<clip>.npy``) in ``directory`` (``frames.bin``, ``audio.bin``), written on first use and again
+    when the cache changes (another ``meta.json``) or holds clips a pack lacks. Runs packing the same cache at once
+    (DDP ranks, parallel runs) wait for the first, which writes them."""
     cache = hashlib.sha256((root / "meta.json").read_bytes()).hexdigest()[:16] if (root / "meta.json").is_file() \
         else ""
-    path = directory / "frames"
+    cache += f":v{PACK_VERSION}"
 
-    def current() -> Pack | None:
+    def current(name: str) -> Pack | None:
+        path = directory / name
         if not path.with_suffix(".json").is_file():
             return None
         pack = Pack(path)
         return pack if pack.source == cache and all(clip in pack for clip in clips) else None
 
-    pack = current()
-    if pack is not None:
-        return pack
+    if (frames := current("frames")) is not None and (audio := current("audio")) is not None:
+        return ClipPacks(frames, audio)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        lock = (directory / ".frames.lock").open("w")
+        lock = (directory / ".packing.lock").open("w")
     except OSError as error:
-        raise OSError(f"cannot write the frame pack in {directory} ({error}): give a writable data.pack_dir, or "
-                      "read the JPEG files per item with data.frames=jpeg") from error
+        raise OSError(f"cannot write the packs in {directory} ({error}): give a writable data.pack_dir, or read the "
+                      "cache's files per item with data.store=files") from error
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        pack = current()  # another run may have written it while this one waited
-        if pack is None:
-            log.info("decoding the frames of %d clips into %s (once; data.frames=jpeg reads the JPEG files instead)",
-                     len(clips), path.with_suffix(".bin"))
-            write_pack(_decoded_frames(root, clips, counts), path, source=cache)
-            pack = Pack(path)
-            log.info("frame pack: %.2f GB for %d clips (the JPEG frames: %.2f GB)", pack.nbytes / 1e9, len(clips),
-                     sum(f.stat().st_size for f in (root / "visual").glob("*/*.jpg")) / 1e9)
-    return pack
+        # Another run may have written them while this one waited.
+        frames, audio = current("frames"), current("audio")
+        _check_space(root, clips, counts, directory, frames is None, audio is None)
+        if frames is None:
+            log.info("packing the decoded frames of %d clips into %s (once; data.store=files reads the JPEG files "
+                     "instead)", len(clips), directory / "frames.bin")
+            write_pack(_decoded_frames(root, clips, counts), directory / "frames", source=cache)
+            frames = Pack(directory / "frames")
+        if audio is None:
+            write_pack(_audio_arrays(root, clips), directory / "audio", source=cache)
+            audio = Pack(directory / "audio")
+    jpeg = sum(f.stat().st_size for f in (root / "visual").glob("*/*.jpg"))
+    log.info("packs in %s: decoded frames %.2f GB (their JPEG files: %.2f GB), audio %.2f GB", directory,
+             frames.nbytes / 1e9, jpeg / 1e9, audio.nbytes / 1e9)
+    return ClipPacks(frames, audio)
 
 
 class ClipCacheDataModule(PreparedCacheDataModule):
-    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads frames from.
+    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads items from.
 
     Args:
-        frames: ``decoded`` (default): the frames decoded once, at the first setup, into a memory-mapped pack
-            (``<pack_dir>/frames.bin``; its size is logged, and ``docs/datasets/`` gives it per data set), then read
-            without decoding; ``jpeg``: each item's frames decoded from the cache's JPEG files (no extra disk).
-        pack_dir: where the pack goes (default ``<root>/packed``; another directory for a read-only cache).
+        store: ``packed`` (default): the frames decoded once, at the first setup, and the audio arrays copied into
+            memory-mapped packs (``<pack_dir>/frames.bin``, ``audio.bin``; their sizes are logged, and
+            ``docs/datasets/`` gives them per data set), then read without opening a file or decoding an image;
+            ``files``: each item read from the cache's own files (``.npy`` and JPEG; no extra disk).
+        pack_dir: where the packs go (default ``<root>/packed``; another directory for a read-only cache).
         **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s.
     """
 
-    def __init__(self, *args: Any, frames: str = "decoded", pack_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, store: str = "packed", pack_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if frames not in FRAME_STORES:
-            raise ValueError(f"unknown frame store frames={frames!r}: choose {' or '.join(FRAME_STORES)}")
-        self.frames = frames
+        if store not in STORES:
+            raise ValueError(f"unknown store={store!r}: choose {' or '.join(STORES)}")
+        self.store = store
         self.pack_dir = None if pack_dir is None else Path(pack_dir).expanduser()
 
-    def frame_pack(self, clips: Sequence[str], counts: Sequence[int]) -> Pack | None:
-        """The pack of the clips' decoded frames (``frames=decoded``), or None (``frames=jpeg``)."""
-        if self.frames == "jpeg":
+    def clip_packs(self, clips: Sequence[str], counts: Sequence[int]) -> ClipPacks | None:
+        """The clips' packs (``store=packed``), or None (``store=files``)."""
+        if self.store == "files":
             return None
-        return frame_pack(self.root, clips, counts, self.pack_dir or self.root / "packed")
+        return clip_packs(self.root, clips, counts, self.pack_dir or self.root / "packed")
 
 
 class ClipDataset(Dataset):
@@ -153,19 +197,19 @@ class ClipDataset(Dataset):
 
     The cache layout the audio-visual preparations share: ``audio/<clip>.npy`` (a 2-D spectrogram or filter
     bank) and ``visual/<clip>/00000.jpg, 00001.jpg, ...`` (frames in temporal order), or the same frames decoded
-    in a pack (:func:`frame_pack`).
+    in packs with the audio arrays (:func:`clip_packs`).
 
     Training picks ``T`` of a clip's frames at random (in temporal order); evaluation takes the centres of ``T``
     equal segments (the middle frame for ``T = 1``). A clip with fewer than ``T`` frames repeats frames.
 
     Args:
-        pack: the clips' decoded frames (None: decode the JPEG files per item).
+        packs: the clips' packed frames and audio (None: read the cache's files per item).
     """
 
     def __init__(self, root: Path, clips: Sequence[str], labels: Sequence[int], frames: Sequence[int],
-                 num_frames: int, image_size: int, train: bool, pack: Pack | None = None) -> None:
+                 num_frames: int, image_size: int, train: bool, packs: ClipPacks | None = None) -> None:
         self.root = Path(root)
-        self.pack = pack
+        self.packs = packs
         self.clips = list(clips)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.frames = np.asarray(frames)
@@ -188,12 +232,21 @@ class ClipDataset(Dataset):
         from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
         clip = self.clips[index]
-        audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy")).float().unsqueeze(0)
         indices = self._frame_indices(int(self.frames[index]))
-        if self.pack is not None:
-            frames = torch.from_numpy(self.pack[clip][indices])  # a copy of just these frames
+        if self.packs is not None:
+            audio = torch.from_numpy(self.packs.audio[clip]).float().unsqueeze(0)
+            # A copy of just these frames, [T, 3, H, W] in channels-last memory (index_select: indexing with a list
+            # costs ten times as much).
+            stored = torch.from_numpy(self.packs.frames[clip])
+            frames = stored.index_select(0, torch.as_tensor(indices)).permute(0, 3, 1, 2)
         else:
+            audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy")).float().unsqueeze(0)
             directory = self.root / "visual" / clip
             frames = torch.stack([decode_jpeg(read_file(str(directory / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
                                   for k in indices])
-        return {"inputs": {"audio": audio, "visual": self.transform(frames)}, "label": int(self.labels[index])}
+        return {"inputs": {"audio": self._audio(audio), "visual": self.transform(frames)},
+                "label": int(self.labels[index])}
+
+    def _audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """The item's audio from the cached array ``[1, ...]`` (a subclass may cut a window)."""
+        return audio

@@ -247,7 +247,7 @@ class CremaDDataModule(ClipCacheDataModule):
             validation.
         test_fraction: fraction in test (unused with ``files``).
         num_frames: frames per clip (``T``); OGM-GE uses 1 on CREMA-D, MLA 3.
-        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``frames``, ``pack_dir``) and its base's (``image_size``, ``augment``) and the
+        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``, ``augment``) and the
             base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
@@ -313,7 +313,7 @@ class CremaDDataModule(ClipCacheDataModule):
         parts = self._split_indices(clips, actors, labels)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
         self.split_actors = {name: sorted(set(actors[idx].tolist())) for name, idx in parts.items()}
-        pack = self.frame_pack(clips, frames)
+        packs = self.clip_packs(clips, frames)
         return self.split_datasets(parts, lambda idx, train: ClipDataset(
             self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
-            pack=pack))
+            packs=packs))

@@ -177,7 +177,7 @@ class IEMOCAPDataModule(ClipCacheDataModule):
         tokens = self.vocab.encode_batch(texts, self.max_length)
         frames = np.full(len(rows), int(meta["frames"]))
 
-        pack = self.frame_pack(names, frames)
+        packs = self.clip_packs(names, frames)
         return self.split_datasets(parts, lambda idx, train: IEMOCAPDataset(
             self.root, [names[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
-            pack=pack, tokens=tokens[torch.from_numpy(idx)]))
+            packs=packs, tokens=tokens[torch.from_numpy(idx)]))

@@ -91,7 +91,7 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
         augment: training items draw their frames at random within the segments and get random resized crop +
             horizontal flip (the papers'); without it, and always in evaluation: the segments' middle frames, resize
             + centre crop.
-        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``frames``, ``pack_dir``) and its base's (``image_size``) and the base
+        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``) and the base
             datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
@@ -176,7 +176,7 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
         clips, labels, raw_splits, frames = self._read_clips()
         parts = self._split_indices(clips, labels, raw_splits)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
-        pack = self.frame_pack(clips, frames)
+        packs = self.clip_packs(clips, frames)
         return self.split_datasets(parts, lambda idx, train: KineticsSoundsDataset(
             self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
-            pack=pack))
+            packs=packs))

@@ -44,9 +44,11 @@ def write_pack(items: Iterable[tuple[str, np.ndarray]], path: Path, source: str 
 
 
 class Pack:
-    """The items of a pack written by :func:`write_pack`, by key (``pack[key]``: a read-only view of the map).
+    """The items of a pack written by :func:`write_pack`, by key (``pack[key]``: a view of the map).
 
-    The map is opened on first use in each process, so a dataset holding a pack can go to DataLoader workers.
+    The map is opened on first use in each process, so a dataset holding a pack can go to DataLoader workers. It
+    is copy-on-write: a view can be handed to torch as it is (``torch.from_numpy``), and writing to one changes
+    only this process's copy of the page, never the file.
     """
 
     def __init__(self, path: Path) -> None:
@@ -57,9 +59,10 @@ class Pack:
         self.position = {key: i for i, key in enumerate(self.keys)}
         self.shapes = [tuple(shape) for shape in meta["shapes"]]
         self.offsets = meta["offsets"]
+        self.sizes = [int(np.prod(shape)) * self.dtype.itemsize for shape in self.shapes]
         self.nbytes = int(meta["bytes"])
         self.source = meta.get("source", "")
-        self._map: np.memmap | None = None
+        self._map: np.ndarray | None = None
         self._pid: int | None = None
 
     def __contains__(self, key: str) -> bool:
@@ -67,12 +70,12 @@ class Pack:
 
     def __getitem__(self, key: str) -> np.ndarray:
         if self._map is None or self._pid != os.getpid():
-            self._map = np.memmap(self.path.with_suffix(".bin"), dtype=np.uint8, mode="r") if self.nbytes else None
+            # A plain array over the map: slicing a np.memmap costs as much again in its Python-level bookkeeping.
+            self._map = np.memmap(self.path.with_suffix(".bin"), dtype=np.uint8, mode="c").view(np.ndarray) \
+                if self.nbytes else np.zeros(0, np.uint8)
             self._pid = os.getpid()
         i = self.position[key]
-        shape = self.shapes[i]
-        size = int(np.prod(shape)) * self.dtype.itemsize
-        return self._map[self.offsets[i]:self.offsets[i] + size].view(self.dtype).reshape(shape)
+        return self._map[self.offsets[i]:self.offsets[i] + self.sizes[i]].view(self.dtype).reshape(self.shapes[i])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None, "_pid": None}

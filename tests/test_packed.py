@@ -1,4 +1,4 @@
-"""Decoded frames in a memory-mapped pack: the pack format, items equal to decoding the JPEG cache per item (the
+"""Decoded frames and audio in memory-mapped packs: the pack format, items equal to reading the cache's files (the
 same crops under the same seed), built once and again when the cache changes, the errors; the fused
 normalisation equals torchvision's."""
 
@@ -48,7 +48,9 @@ def test_a_pack_returns_each_array_as_written(tmp_path):
     pack = Pack(tmp_path / "p")
     assert pack.source == "abc" and pack.nbytes == sum(a.nbytes for a in arrays.values())
     for key, array in arrays.items():
-        assert np.array_equal(pack[key], array) and not pack[key].flags.writeable
+        assert np.array_equal(pack[key], array)
+    pack["item0"][...] = 0  # copy-on-write: the file keeps its bytes
+    assert np.array_equal(Pack(tmp_path / "p")["item0"], arrays["item0"])
     copy = pickle.loads(pickle.dumps(pack))  # as DataLoader workers get it: the map reopens there
     assert np.array_equal(copy["item2"][[0, 2]], arrays["item2"][[0, 2]])
     with pytest.raises(ValueError, match="float32"):
@@ -57,11 +59,11 @@ def test_a_pack_returns_each_array_as_written(tmp_path):
 
 
 def test_decoded_frames_give_the_items_the_jpeg_cache_gives(cache):
-    decoded, jpeg = datamodule(cache), datamodule(cache, frames="jpeg")
-    assert (cache / "packed" / "frames.bin").is_file()
+    decoded, jpeg = datamodule(cache), datamodule(cache, store="files")
+    assert (cache / "packed" / "frames.bin").is_file() and (cache / "packed" / "audio.bin").is_file()
     for split in ("train", "val", "test"):
         a, b = decoded.datasets[split].dataset, jpeg.datasets[split].dataset
-        assert a.pack is not None and b.pack is None
+        assert a.packs is not None and b.packs is None
         for i in range(len(a)):
             torch.manual_seed(i)  # training: the same frames and crop from both stores
             x = a[i]
@@ -88,14 +90,17 @@ def test_the_pack_is_built_once_and_again_when_the_cache_changes(cache, tmp_path
     counts = {c: len(list((cache / "visual" / c).glob("*.jpg"))) for c in CLIPS}
     pack = Pack(pack_dir / "frames")
     assert {c: pack.shapes[pack.position[c]][0] for c in CLIPS} == counts
+    assert all(pack.shapes[pack.position[c]][-1] == 3 for c in CLIPS), "channels last"
+    audio = Pack(pack_dir / "audio")
+    assert all(np.array_equal(audio[c], np.load(cache / "audio" / f"{c}.npy")) for c in CLIPS)
 
 
 def test_bad_frame_options_are_refused(cache, tmp_path):
-    with pytest.raises(ValueError, match="decoded or jpeg"):
-        CremaDDataModule(root=str(cache), frames="png")
+    with pytest.raises(ValueError, match="packed or files"):
+        CremaDDataModule(root=str(cache), store="png")
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
-    with pytest.raises(OSError, match="data.frames=jpeg"):
+    with pytest.raises(OSError, match="data.store=files"):
         datamodule(cache, pack_dir=str(blocked / "pack"))
 
 
@@ -107,3 +112,39 @@ def test_the_fused_normalisation_equals_torchvisions():
     assert torch.allclose(ImageNetNormalize()(images), reference(images), atol=1e-5)
     with pytest.raises(TypeError, match="uint8"):
         ImageNetNormalize()(images.float())
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_frame_transform_equals_torchvisions_composition(train):
+    from torchvision.transforms import v2
+
+    from datamodules.transforms import frame_transform
+
+    head = ([v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip()] if train
+            else [v2.Resize(32, antialias=True), v2.CenterCrop(32)])
+    reference = v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    ours = frame_transform(32, train)
+    for seed in range(40):
+        # Odd shapes, one frame or two, a very wide image (the centre-crop fallback), channels-last memory.
+        shape = (1 + seed % 2, 3, 40 + seed, 50 if seed % 5 else 400)
+        frames = torch.randint(0, 256, shape, dtype=torch.uint8)
+        if seed % 3 == 0:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(seed)
+        expected = reference(frames)
+        torch.manual_seed(seed)
+        got = ours(frames)
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5), seed
+        assert torch.rand(1).item() == (torch.manual_seed(seed), reference(frames), torch.rand(1).item())[2], \
+            "the same random draws"
+
+
+def test_packs_the_disk_cannot_hold_are_refused_before_writing(cache, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**5))  # 100 kB free
+    with pytest.raises(OSError, match=r"need about 0\.\d GB.*data.pack_dir.*data.store=files"):
+        datamodule(cache, pack_dir=str(tmp_path / "small"))
+    assert not (tmp_path / "small" / "frames.bin").exists()
