@@ -17,16 +17,15 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached, write_clip
+from datamodules.media import tiled_log_stft
 from datamodules.preparation import (
     not_a_directory,
     missing_cache_error,
@@ -81,22 +80,10 @@ def parse_clip(clip: str) -> tuple[int, str]:
 
 
 def log_spectrogram(wave: np.ndarray) -> np.ndarray:
-    """OGM-GE's audio input from a 22,050 Hz mono waveform: ``float32 [257, 188]``.
-
-    Tiled to 3 s (OGM-GE tiles three times, enough for every CREMA-D clip; shorter clips are tiled further so the
-    shape never changes), clipped to [-1, 1], STFT with n_fft 512, hop 353, a periodic Hann window, centred with
-    reflect padding (``librosa.stft``'s defaults before librosa 0.10, OGM-GE's environment), ``log(|S| + 1e-7)``.
-    """
-    length = SAMPLE_RATE * SECONDS
-    if len(wave) == 0:
-        raise ValueError("empty waveform")
-    tiled = np.tile(wave, max(3, math.ceil(length / len(wave))))[:length]
-    tiled = np.clip(tiled, -1.0, 1.0).astype(np.float32)
-    spectrum = torch.stft(
-        torch.from_numpy(tiled), n_fft=N_FFT, hop_length=HOP_LENGTH, window=torch.hann_window(N_FFT),
-        center=True, pad_mode="reflect", return_complex=True,
-    )
-    return torch.log(spectrum.abs() + 1e-7).numpy()
+    """OGM-GE's audio input from a 22,050 Hz mono waveform: ``float32 [257, 188]``: the wave tiled to 3 s (OGM-GE
+    tiles three times, enough for every CREMA-D clip; shorter clips are tiled further so the shape never changes),
+    STFT with n_fft 512, hop 353 (:func:`~datamodules.media.tiled_log_stft`)."""
+    return tiled_log_stft(wave, SAMPLE_RATE * SECONDS, N_FFT, HOP_LENGTH)
 
 
 def _short(error: Exception, raw: Path) -> str:

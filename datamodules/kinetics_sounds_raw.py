@@ -6,11 +6,11 @@ of other projects (OGM-GE's ``my_train.txt``/``my_test.txt`` and other formats) 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.splits import split_file_lines
+from datamodules.youtube import clip_key  # noqa: F401 (the list files' keys; imported from here too)
 
 # The 31 Kinetics-400 classes of Kinetics-Sounds, sorted. The 34 classes of Arandjelović and Zisserman (2017)
 # were named in a pre-release of Kinetics; these are their Kinetics-400 names, the 31-class list that AdaMML's
@@ -25,7 +25,6 @@ CLASSES = (
 )
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
 RAW_SPLITS = ("train", "val", "test")
-YOUTUBE_CLIP = re.compile(r"^([A-Za-z0-9_-]{11})_(\d+)(?:_(\d+))?$")  # <11-char id>_<start>[_<end>]
 SOURCE = ("Kinetics-400 from https://github.com/cvdfoundation/kinetics-dataset (k400_downloader.sh and "
           "k400_extractor.sh; then `python arrange_by_classes.py k400` sorts the clips into "
           "k400/videos/<split>/<class>/: use RAW=k400/videos); only the 31 Kinetics-Sounds classes are needed")
@@ -50,18 +49,6 @@ _CLASS_BY_KEY = {_class_key(name): name for name in CLASSES}
 def class_of(name: str) -> str | None:
     """The Kinetics-Sounds class a folder or list name denotes (underscores, case, quotes ignored), else ``None``."""
     return _CLASS_BY_KEY.get(_class_key(name))
-
-
-def clip_key(name: str) -> str:
-    """The name a clip is matched by across layouts and list files.
-
-    ``-3Mwkq-7TV4_000002_000012`` (the official download's ``<youtube id>_<start>_<end>``), ``-3Mwkq-7TV4_2``
-    (OGM-GE's lists: ``<youtube id>_<start>``) and ``-3Mwkq-7TV4_000002_000012.mp4`` all become ``-3Mwkq-7TV4_2``;
-    names that are not YouTube clip names are kept (without a media suffix).
-    """
-    stem = re.sub(r"\.(mp4|mkv|webm|avi|wav|npy)$", "", name.strip(), flags=re.IGNORECASE)
-    match = YOUTUBE_CLIP.match(stem)
-    return f"{match.group(1)}_{int(match.group(2))}" if match else stem
 
 
 @dataclass

@@ -230,3 +230,21 @@ def save_frames(images: list, directory: str | Path, quality: int = 95) -> list[
         image.save(path, format="JPEG", quality=quality)
         paths.append(path)
     return paths
+
+
+def tiled_log_stft(wave: np.ndarray, length: int, n_fft: int, hop_length: int) -> np.ndarray:
+    """OGM-GE's audio input from a mono waveform: ``float32 [n_fft // 2 + 1, 1 + length // hop_length]``.
+
+    The wave repeated until it has ``length`` samples and cut there (OGM-GE tiles short clips), clipped to [-1, 1],
+    STFT with a periodic Hann window, centred with reflect padding (``librosa.stft``'s defaults before librosa
+    0.10, OGM-GE's environment), ``log(|S| + 1e-7)``.
+    """
+    import torch
+
+    if len(wave) == 0:
+        raise ValueError("empty waveform")
+    tiled = np.tile(wave, -(-length // len(wave)))[:length]
+    tiled = np.clip(tiled, -1.0, 1.0).astype(np.float32)
+    spectrum = torch.stft(torch.from_numpy(tiled), n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft),
+                          center=True, pad_mode="reflect", return_complex=True)
+    return torch.log(spectrum.abs() + 1e-7).numpy()
