@@ -1,0 +1,141 @@
+"""The VGGSound preparation, ``balance-prepare vggsound --raw RAW --out OUT``: OGM-GE's audio input for every clip
+(:func:`log_spectrogram`: the first 10 s of its 16 kHz mono wave, tiled if shorter, as a log-magnitude STFT, from
+which training cuts OGM-GE's random 5 s window) and its frames at 1 fps, with the report, ``clips.csv`` (the
+clips the raw download holds), ``missing_clips.txt`` (the listed ones it lacks) and ``meta.json`` (with the
+list's classes)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.clips import clip_cached, write_clip
+from datamodules.media import tiled_log_stft
+from datamodules.preparation import (
+    PrepareReport,
+    atomic_write_text,
+    check_params,
+    finish,
+    not_a_directory,
+    prepare_parser,
+    remove_stale_temporaries,
+    run_items,
+    run_prepare_command,
+)
+from datamodules.vggsound_raw import LIST_FILE, RAW_LAYOUT, SOURCE, RawClip, raw_error, scan_raw
+from datamodules.youtube import clip_key
+
+CACHE_VERSION = 1
+PROG = "balance-prepare vggsound"
+COMMAND = f"{PROG} --raw RAW --out OUT"
+SAMPLE_RATE = 16000
+SECONDS = 10  # OGM-GE tiles every clip to at least 10 s and draws its 5 s window within them
+WINDOW_SECONDS = 5
+N_FFT = 256
+HOP_LENGTH = 128
+AUDIO_SHAPE = (N_FFT // 2 + 1, 1 + SAMPLE_RATE * SECONDS // HOP_LENGTH)  # (129, 1251)
+WINDOW = 1 + SAMPLE_RATE * WINDOW_SECONDS // HOP_LENGTH  # 626 STFT columns: OGM-GE's 5 s input
+CACHE_LAYOUT = """\
+OUT/
+  meta.json                 preparation parameters, the list's classes and counts (written last: a complete cache)
+  clips.csv                 clip,label,split,frames: one row per usable clip (clip: <youtube id>_<start>)
+  missing_clips.txt         the clips vggsound.csv lists that the raw download lacks, one a line
+  audio/<clip>.npy          float16 [129, 1251] log |STFT| of the first 10 s (n_fft 256, hop 128)
+  visual/<clip>/00000.jpg   frames at 1 fps (00000.jpg = second 0, 00001.jpg = second 1, ...)
+  prepare_report.txt        what the last preparation did, every failed clip with its reason
+  prepare_params.json       the parameters, checked when resuming"""
+
+
+def log_spectrogram(wave: np.ndarray) -> np.ndarray:
+    """OGM-GE's VGGSound audio before its window: ``float32 [129, 1251]`` from a 16 kHz mono wave.
+
+    OGM-GE tiles a clip shorter than 10 s (doubling it), draws a start within the first 5 s, cuts 5 s from there,
+    clips to [-1, 1] and takes ``log(|STFT| + 1e-7)`` with n_fft 256 and hop 128. Every 5 s window lies within the
+    first 10 s, so their STFT is stored once, and a window is its 626 columns from a start column (a start that
+    is a multiple of the hop; the window's first and last column see their true neighbours instead of the
+    reflected padding a separate STFT would add).
+    """
+    return tiled_log_stft(wave, SAMPLE_RATE * SECONDS, N_FFT, HOP_LENGTH)
+
+
+def _reason(error: Exception, path: Path, raw: Path) -> str:
+    return str(error).replace(f"{path}: ", "").replace(f"{raw}/", "")
+
+
+def _prepare_clip(item: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
+    raw_path, path = Path(raw), Path(raw) / item
+    write_clip(clip_key(path.name), Path(out), path, path, SAMPLE_RATE, log_spectrogram, fps, short_side, quality,
+               reason=lambda error: _reason(error, path, raw_path))
+
+
+def _is_done(item: str, out: Path) -> bool:
+    return clip_cached(clip_key(Path(item).name), out)
+
+
+def _clips_csv(clips: Sequence[RawClip], out: Path) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["clip", "label", "split", "frames"])
+    for c in clips:
+        writer.writerow([c.clip, c.label, c.split, len(list((out / "visual" / c.clip).glob("*.jpg")))])
+    return text.getvalue()
+
+
+def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: float = 1.0, short_side: int = 224,
+            quality: int = 95) -> PrepareReport:
+    """Prepares the cache (``CACHE_LAYOUT``) from the list and the clips (``RAW_LAYOUT``); resumable.
+
+    Clips whose spectrogram and frames both exist are skipped; every clip that fails (unreadable audio or video,
+    no audio stream, found twice) is listed with its reason in ``OUT/prepare_report.txt``; the listed clips the
+    download lacks are counted there and listed in ``OUT/missing_clips.txt``. Exits with status 1 when no usable
+    clip is left, 2 when ``out`` was prepared with other parameters.
+    """
+    raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
+    if (problem := not_a_directory(raw)) is not None:
+        raise raw_error(problem)
+    listed, scan = scan_raw(raw)
+    params = {"sample_rate": SAMPLE_RATE, "resampling": "kaiser_best", "channels": "mean", "seconds": SECONDS,
+              "n_fft": N_FFT, "hop_length": HOP_LENGTH, "window": "hann", "stft_pad_mode": "reflect",
+              "fps": float(fps), "short_side": int(short_side), "jpeg_quality": int(quality)}
+    check_params(out, params, PROG)
+    remove_stale_temporaries(out / "audio", out / "visual")
+    work = functools.partial(_prepare_clip, raw=str(raw), out=str(out), fps=fps, short_side=short_side,
+                             quality=quality)
+    run = run_items([c.path for c in scan.clips], work, is_done=functools.partial(_is_done, out=out),
+                    workers=workers, desc="VGGSound: preparing clips")
+    report = PrepareReport(ok=run.ok, done=run.done, failed=scan.failed + run.failed)
+    ready = set(run.ok + run.done)
+    usable = [c for c in scan.clips if c.path in ready]
+    if usable:
+        atomic_write_text(out / "clips.csv", _clips_csv(usable, out))
+    atomic_write_text(out / "missing_clips.txt", "".join(f"{key}\n" for key in scan.missing))
+    details = [f"raw: {raw} ({LIST_FILE}: {len(listed)} clips; {len(scan.clips)} found)", f"out: {out}",
+               f"listed but not in the raw download: {len(scan.missing)} clips (missing_clips.txt)",
+               f"video files the list does not name: {scan.unlisted} (skipped)"]
+    if scan.missing:
+        print(f"{PROG}: {len(scan.missing)} of the {len(listed)} listed clips are not in {raw} "
+              f"(listed in {out / 'missing_clips.txt'})")
+    finish(report, out, PROG, details, usable=len(usable))  # exits 1 if nothing is usable
+    classes = sorted({row.label for row in listed})
+    meta = {"dataset": "vggsound", "version": CACHE_VERSION, "params": params, "classes": classes,
+            "audio_shape": list(AUDIO_SHAPE), "num_clips": len(usable), "num_listed": len(listed),
+            "clips_per_split": {s: sum(c.split == s for c in usable) for s in ("train", "test")},
+            "num_missing": len(scan.missing), "num_failed": len(report.failed)}
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``balance-prepare vggsound --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
+    parser = prepare_parser("vggsound", "Prepare VGGSound (vggsound.csv and the clips it lists) into spectrograms "
+                            "and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
+    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+    args = parser.parse_args(argv)
+    run_prepare_command(parser, "vggsound", args.out, lambda: prepare(
+        args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))
