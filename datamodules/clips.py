@@ -42,12 +42,14 @@ def clip_cached(clip: str, out: Path) -> bool:
 
 def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
                features: Callable[[np.ndarray], np.ndarray], fps: float, short_side: int, quality: int,
-               reason: Callable[[Exception], str] = str) -> None:
+               reason: Callable[[Exception], str] = str, span: tuple[float, float] | None = None) -> None:
     """Writes ``audio/<clip>.npy`` (``features`` of the mono wave at ``sample_rate``, as float16) and
     ``visual/<clip>/`` (``fps`` frames a second, JPEG), whichever the cache lacks.
 
     Args:
         reason: shortens an error's message for the report (e.g. drops the raw root from paths).
+        span: ``(start, end)`` seconds: only this part of the clip (the wave from ``start`` to ``end``, the frames
+            of the seconds ``start`` to ``end``, both included, as AVE's event segments are read).
 
     Raises:
         ClipError: naming each part that failed, after writing the other.
@@ -59,6 +61,10 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
     if not audio_out.exists():
         try:
             wave, _ = read_audio(audio, sample_rate)
+            if span is not None:
+                wave = wave[int(span[0] * sample_rate):int(span[1] * sample_rate)]
+                if not len(wave):
+                    raise ValueError(f"no audio from second {span[0]:g} to {span[1]:g}")
             array = features(wave).astype(np.float16)
             with atomic_output(audio_out) as temp:
                 np.save(temp, array)
@@ -68,6 +74,10 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
     if not frames_out.is_dir():
         try:
             images = extract_frames(video, fps=fps, short_side=short_side)
+            if span is not None:
+                images = [image for k, image in enumerate(images) if span[0] <= k / fps <= span[1]]
+                if not images:
+                    raise MediaError(f"no frame from second {span[0]:g} to {span[1]:g}")
             with atomic_output(frames_out, directory=True) as temp:
                 save_frames(images, temp, quality=quality)
         except MediaError as error:
