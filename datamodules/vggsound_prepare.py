@@ -6,30 +6,15 @@ list's classes)."""
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.clips import clip_cached, write_clip
+from datamodules.listed_prepare import ListedDataSet, prepare_listed
 from datamodules.media import tiled_log_stft
-from datamodules.preparation import (
-    PrepareReport,
-    atomic_write_text,
-    check_params,
-    finish,
-    not_a_directory,
-    prepare_parser,
-    remove_stale_temporaries,
-    run_items,
-    run_prepare_command,
-)
-from datamodules.vggsound_raw import LIST_FILE, RAW_LAYOUT, SOURCE, RawClip, raw_error, scan_raw
-from datamodules.youtube import clip_key
+from datamodules.preparation import PrepareReport, not_a_directory, prepare_parser, run_prepare_command
+from datamodules.vggsound_raw import LIST_FILE, RAW_LAYOUT, SOURCE, raw_error, scan_raw
 
 CACHE_VERSION = 1
 PROG = "balance-prepare vggsound"
@@ -64,71 +49,22 @@ def log_spectrogram(wave: np.ndarray) -> np.ndarray:
     return tiled_log_stft(wave, SAMPLE_RATE * SECONDS, N_FFT, HOP_LENGTH)
 
 
-def _reason(error: Exception, path: Path, raw: Path) -> str:
-    return str(error).replace(f"{path}: ", "").replace(f"{raw}/", "")
-
-
-def _prepare_clip(item: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
-    raw_path, path = Path(raw), Path(raw) / item
-    write_clip(clip_key(path.name), Path(out), path, path, SAMPLE_RATE, log_spectrogram, fps, short_side, quality,
-               reason=lambda error: _reason(error, path, raw_path))
-
-
-def _is_done(item: str, out: Path) -> bool:
-    return clip_cached(clip_key(Path(item).name), out)
-
-
-def _clips_csv(clips: Sequence[RawClip], out: Path) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["clip", "label", "split", "frames"])
-    for c in clips:
-        writer.writerow([c.clip, c.label, c.split, len(list((out / "visual" / c.clip).glob("*.jpg")))])
-    return text.getvalue()
+VGGSOUND = ListedDataSet(
+    name="vggsound", title="VGGSound", list_file=LIST_FILE, sample_rate=SAMPLE_RATE, features=log_spectrogram,
+    params={"resampling": "kaiser_best", "channels": "mean", "seconds": SECONDS, "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH, "window": "hann", "stft_pad_mode": "reflect"},
+    audio_shape=AUDIO_SHAPE)
 
 
 def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: float = 1.0, short_side: int = 224,
             quality: int = 95) -> PrepareReport:
-    """Prepares the cache (``CACHE_LAYOUT``) from the list and the clips (``RAW_LAYOUT``); resumable.
-
-    Clips whose spectrogram and frames both exist are skipped; every clip that fails (unreadable audio or video,
-    no audio stream, found twice) is listed with its reason in ``OUT/prepare_report.txt``; the listed clips the
-    download lacks are counted there and listed in ``OUT/missing_clips.txt``. Exits with status 1 when no usable
-    clip is left, 2 when ``out`` was prepared with other parameters.
-    """
+    """Prepares the cache (``CACHE_LAYOUT``) from the list and the clips (``RAW_LAYOUT``); resumable (see
+    :func:`~datamodules.listed_prepare.prepare_listed`)."""
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
     if (problem := not_a_directory(raw)) is not None:
         raise raw_error(problem)
     listed, scan = scan_raw(raw)
-    params = {"sample_rate": SAMPLE_RATE, "resampling": "kaiser_best", "channels": "mean", "seconds": SECONDS,
-              "n_fft": N_FFT, "hop_length": HOP_LENGTH, "window": "hann", "stft_pad_mode": "reflect",
-              "fps": float(fps), "short_side": int(short_side), "jpeg_quality": int(quality)}
-    check_params(out, params, PROG)
-    remove_stale_temporaries(out / "audio", out / "visual")
-    work = functools.partial(_prepare_clip, raw=str(raw), out=str(out), fps=fps, short_side=short_side,
-                             quality=quality)
-    run = run_items([c.path for c in scan.clips], work, is_done=functools.partial(_is_done, out=out),
-                    workers=workers, desc="VGGSound: preparing clips")
-    report = PrepareReport(ok=run.ok, done=run.done, failed=scan.failed + run.failed)
-    ready = set(run.ok + run.done)
-    usable = [c for c in scan.clips if c.path in ready]
-    if usable:
-        atomic_write_text(out / "clips.csv", _clips_csv(usable, out))
-    atomic_write_text(out / "missing_clips.txt", "".join(f"{key}\n" for key in scan.missing))
-    details = [f"raw: {raw} ({LIST_FILE}: {len(listed)} clips; {len(scan.clips)} found)", f"out: {out}",
-               f"listed but not in the raw download: {len(scan.missing)} clips (missing_clips.txt)",
-               f"video files the list does not name: {scan.unlisted} (skipped)"]
-    if scan.missing:
-        print(f"{PROG}: {len(scan.missing)} of the {len(listed)} listed clips are not in {raw} "
-              f"(listed in {out / 'missing_clips.txt'})")
-    finish(report, out, PROG, details, usable=len(usable))  # exits 1 if nothing is usable
-    classes = sorted({row.label for row in listed})
-    meta = {"dataset": "vggsound", "version": CACHE_VERSION, "params": params, "classes": classes,
-            "audio_shape": list(AUDIO_SHAPE), "num_clips": len(usable), "num_listed": len(listed),
-            "clips_per_split": {s: sum(c.split == s for c in usable) for s in ("train", "test")},
-            "num_missing": len(scan.missing), "num_failed": len(report.failed)}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
-    return report
+    return prepare_listed(VGGSOUND, raw, out, listed, scan, CACHE_VERSION, workers, fps, short_side, quality)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,14 +5,12 @@ scan of both, and the error for a download that is missing or laid out otherwise
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from datamodules.youtube import clip_key
+from datamodules.youtube import ListedClip, ListScan, scan_listed
 
 LIST_FILE = "vggsound.csv"
 SPLITS = ("train", "test")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 SOURCE = ("the list from https://www.robots.ox.ac.uk/~vgg/data/vggsound/ (vggsound.csv) and the clips it names, "
           "downloaded from YouTube by its ids and start seconds (10 s each; e.g. with yt-dlp and ffmpeg, or a "
           "mirror of the clips)")
@@ -25,40 +23,6 @@ RAW/
                                 .mkv, .webm and .avi are read too. The audio comes from the clip's own audio stream.
 Clips the list names but RAW lacks (YouTube videos go offline) are counted and listed in OUT/missing_clips.txt;
 clips RAW holds but the list does not name are counted and skipped."""
-
-
-@dataclass(frozen=True)
-class ListedClip:
-    """A row of ``vggsound.csv``."""
-
-    key: str  # <youtube id>_<start>, as clip_key makes it
-    label: str
-    split: str  # train or test
-
-
-@dataclass
-class RawClip:
-    """A listed clip that the raw download holds."""
-
-    path: str  # relative to RAW: the preparation item, named in the report
-    key: str
-    label: str
-    split: str
-
-    @property
-    def clip(self) -> str:
-        """The clip's name in the cache."""
-        return self.key
-
-
-@dataclass
-class RawScan:
-    """The list against the files: the clips to prepare, the listed clips without a file, the files not listed."""
-
-    clips: list[RawClip] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unlisted: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def raw_error(problem: str) -> FileNotFoundError:
@@ -87,7 +51,7 @@ def read_list(path: Path) -> list[ListedClip]:
     return rows
 
 
-def scan_raw(raw: Path) -> tuple[list[ListedClip], RawScan]:
+def scan_raw(raw: Path) -> tuple[list[ListedClip], ListScan]:
     """Reads ``raw/vggsound.csv`` and finds the listed clips below ``raw`` (``RAW_LAYOUT``).
 
     Returns:
@@ -100,20 +64,7 @@ def scan_raw(raw: Path) -> tuple[list[ListedClip], RawScan]:
     if not list_file.is_file():
         raise raw_error(f"no {LIST_FILE} in {raw}")
     listed = read_list(list_file)
-    by_key = {row.key: row for row in listed}
-    scan, found = RawScan(), {}
-    for path in sorted(p for p in raw.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
-                       and not p.name.startswith(".")):
-        key = clip_key(path.name)
-        item = str(path.relative_to(raw))
-        if key not in by_key:
-            scan.unlisted += 1
-        elif key in found:
-            scan.failed.append((item, f"the same clip as {found[key]}"))
-        else:
-            found[key] = item
-    scan.clips = [RawClip(found[row.key], row.key, row.label, row.split) for row in listed if row.key in found]
-    scan.missing = [row.key for row in listed if row.key not in found]
+    scan = scan_listed(raw, listed)
     if not scan.clips:
         raise raw_error(f"none of the {len(listed)} clips {LIST_FILE} lists is below {raw} "
                         f"({scan.unlisted} video files with other names)")

@@ -1,9 +1,15 @@
-"""Names of YouTube clips (Kinetics, VGGSound): ``<11-character id>_<start>[_<end>]``, matched across downloads and
-list files whatever their zero padding."""
+"""YouTube clips (Kinetics, VGGSound, MM-Debiased): their names, ``<11-character id>_<start>[_<end>]``, matched
+across downloads and list files whatever their zero padding, and a published list's clips found in a user's
+download."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 
 YOUTUBE_CLIP = re.compile(r"^([A-Za-z0-9_-]{11})_(\d+)(?:_(\d+))?$")  # <11-char id>_<start>[_<end>]
 
@@ -18,3 +24,86 @@ def clip_key(name: str) -> str:
     stem = re.sub(r"\.(mp4|mkv|webm|avi|wav|npy)$", "", name.strip(), flags=re.IGNORECASE)
     match = YOUTUBE_CLIP.match(stem)
     return f"{match.group(1)}_{int(match.group(2))}" if match else stem
+
+
+@dataclass
+class FoundClips:
+    """Which listed clips a download holds: ``found`` (key -> path relative to the root), the files the list does
+    not name (``unlisted``), and the files that repeat or match ambiguously (``failed``, with the reason)."""
+
+    found: dict[str, str] = field(default_factory=dict)
+    unlisted: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_clips(raw: Path, keys: Iterable[str]) -> FoundClips:
+    """The video files below ``raw`` (any folders; dot files skipped) of the clips ``keys`` (as :func:`clip_key`
+    makes them), matched by :func:`clip_key` of their names. A key that is a bare YouTube id (no start second, as
+    some lists give) matches the one file of that id, whatever its start; a file found twice keeps its first path
+    (sorted)."""
+    wanted = set(keys)
+    bare = {key for key in wanted if re.fullmatch(r"[A-Za-z0-9_-]{11}", key)}
+    by_id: dict[str, list[str]] = {}
+    result = FoundClips()
+    for path in sorted(p for p in raw.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                       and not p.name.startswith(".")):
+        key, item = clip_key(path.name), str(path.relative_to(raw))
+        if key in wanted and key not in bare:
+            if key in result.found:
+                result.failed.append((item, f"the same clip as {result.found[key]}"))
+            else:
+                result.found[key] = item
+        elif key[:11] in bare and (key == key[:11] or key[11:12] == "_"):
+            by_id.setdefault(key[:11], []).append(item)
+        else:
+            result.unlisted += 1
+    for ytid, items in by_id.items():
+        result.found[ytid] = items[0]
+        result.failed += [(item, f"another clip of {ytid}, which the list names without a start (kept {items[0]})")
+                          for item in items[1:]]
+    return result
+
+
+@dataclass(frozen=True)
+class ListedClip:
+    """A clip of a published list."""
+
+    key: str  # as clip_key makes it
+    label: str
+    split: str
+
+
+@dataclass
+class RawClip:
+    """A listed clip that the download holds."""
+
+    path: str  # relative to the raw root: the preparation item, named in the report
+    key: str
+    label: str
+    split: str
+
+    @property
+    def clip(self) -> str:
+        """The clip's name in the cache: its file's :func:`clip_key` (the listed key, or, for a list entry without
+        a start, the key with the start of the file it matched)."""
+        return clip_key(Path(self.path).name)
+
+
+@dataclass
+class ListScan:
+    """A list against a download: the clips to prepare, the listed clips without a file, the files not listed,
+    and the files that cannot be used."""
+
+    clips: list[RawClip] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unlisted: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_listed(raw: Path, listed: list[ListedClip]) -> ListScan:
+    """The clips of ``listed`` found below ``raw`` (:func:`find_clips`), in the list's order."""
+    clips = find_clips(raw, [row.key for row in listed])
+    return ListScan(clips=[RawClip(clips.found[row.key], row.key, row.label, row.split) for row in listed
+                           if row.key in clips.found],
+                    missing=[row.key for row in listed if row.key not in clips.found],
+                    unlisted=clips.unlisted, failed=clips.failed)
