@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image
     from torchvision import transforms as T
 
-    from datamodules.clips import ClipDataset, clip_packs
+    from datamodules.clip_packs import clip_packs
+from datamodules.clips import ClipDataset
     from datamodules.crema_d import parse_clip, prepare
     from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
     from datamodules.media import extract_frames, save_frames

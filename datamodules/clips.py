@@ -1,34 +1,20 @@
-"""The clip cache that CREMA-D, Kinetics-Sounds and IEMOCAP share (``audio/<clip>.npy``, ``visual/<clip>/*.jpg``):
-writing one clip into it, its frames decoded once into a pack (:mod:`datamodules.packed`), and reading items."""
+"""The clip cache the audio-visual data sets share (``audio/<clip>.npy``, ``visual/<clip>/*.jpg``): writing one
+clip into it, and reading items from it or from its packs (:mod:`datamodules.clip_packs`)."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import logging
-import shutil
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from datamodules.cache import PreparedCacheDataModule
+from datamodules.clip_packs import ClipPacks
 from datamodules.media import MediaError
-from datamodules.packed import Pack, write_pack
 from datamodules.preparation import atomic_output
 from datamodules.transforms import frame_transform
-
-log = logging.getLogger(__name__)
-
-#: where training reads items from: memory-mapped packs of the decoded frames and the audio arrays, or the files
-STORES = ("packed", "files")
-#: the packs' layout; a pack of another layout is written again
-PACK_VERSION = 2
 
 
 class ClipError(MediaError):
@@ -86,128 +72,12 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
         raise ClipError("; ".join(problems))
 
 
-@dataclass
-class ClipPacks:
-    """A clip cache's items in packs (:mod:`datamodules.packed`): each clip's decoded frames (``uint8
-    [frames, H, W, 3]``: channels last, the layout torch's uint8 resize works in, which saves it a repacking copy)
-    and its audio array (as cached)."""
-
-    frames: Pack
-    audio: Pack
-
-
-def _decoded_frames(root: Path, clips: Sequence[str], counts: Sequence[int]) -> Iterator[tuple[str, np.ndarray]]:
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    for clip, count in zip(tqdm(clips, desc="packing decoded frames", unit="clip", dynamic_ncols=True), counts):
-        directory = root / "visual" / clip
-        images = [decode_jpeg(read_file(str(directory / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
-                  for k in range(int(count))]
-        if len({tuple(image.shape) for image in images}) != 1:
-            raise ValueError(f"the frames of {directory} differ in size; prepare the cache again, or read the "
-                             "cache's files (data.store=files)")
-        yield clip, torch.stack(images).permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def _audio_arrays(root: Path, clips: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
-    for clip in tqdm(clips, desc="packing audio arrays", unit="clip", dynamic_ncols=True):
-        yield clip, np.load(root / "audio" / f"{clip}.npy")
-
-
-def _check_space(root: Path, clips: Sequence[str], counts: Sequence[int], directory: Path, frames: bool,
-                 audio: bool) -> None:
-    """Refuses to start packs the disk cannot hold (the frames' size from the first clip's, the audio's from the
-    ``.npy`` files), naming the size and the ways out."""
-    from torchvision.io import decode_jpeg, read_file
-
-    need = 0
-    if frames and clips:
-        first = decode_jpeg(read_file(str(root / "visual" / clips[0] / "00000.jpg")))
-        need += int(sum(int(c) for c in counts) * first.numel())
-    if audio:
-        need += sum((root / "audio" / f"{clip}.npy").stat().st_size for clip in clips)
-    free = shutil.disk_usage(directory).free
-    if need > 0.95 * free:
-        raise OSError(f"the packs of {len(clips)} clips need about {need / 1e9:.1f} GB, and {directory} has "
-                      f"{free / 1e9:.1f} GB free: give data.pack_dir=<a larger disk>, or read the cache's files per "
-                      "item with data.store=files (no extra disk, slower)")
-
-
-def clip_packs(root: Path, clips: Sequence[str], counts: Sequence[int], directory: Path) -> ClipPacks:
-    """The packs of ``clips`` (``counts`` JPEG frames each in ``root/visual/<clip>/``, audio in
-    ``root/audio/<clip>.npy``) in ``directory`` (``frames.bin``, ``audio.bin``), written on first use and again
-    when the cache changes (another ``meta.json``) or holds clips a pack lacks. Runs packing the same cache at once
-    (DDP ranks, parallel runs) wait for the first, which writes them."""
-    cache = hashlib.sha256((root / "meta.json").read_bytes()).hexdigest()[:16] if (root / "meta.json").is_file() \
-        else ""
-    cache += f":v{PACK_VERSION}"
-
-    def current(name: str) -> Pack | None:
-        path = directory / name
-        if not path.with_suffix(".json").is_file():
-            return None
-        pack = Pack(path)
-        return pack if pack.source == cache and all(clip in pack for clip in clips) else None
-
-    if (frames := current("frames")) is not None and (audio := current("audio")) is not None:
-        return ClipPacks(frames, audio)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = (directory / ".packing.lock").open("w")
-    except OSError as error:
-        raise OSError(f"cannot write the packs in {directory} ({error}): give a writable data.pack_dir, or read the "
-                      "cache's files per item with data.store=files") from error
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # Another run may have written them while this one waited.
-        frames, audio = current("frames"), current("audio")
-        _check_space(root, clips, counts, directory, frames is None, audio is None)
-        if frames is None:
-            log.info("packing the decoded frames of %d clips into %s (once; data.store=files reads the JPEG files "
-                     "instead)", len(clips), directory / "frames.bin")
-            write_pack(_decoded_frames(root, clips, counts), directory / "frames", source=cache)
-            frames = Pack(directory / "frames")
-        if audio is None:
-            write_pack(_audio_arrays(root, clips), directory / "audio", source=cache)
-            audio = Pack(directory / "audio")
-    jpeg = sum(f.stat().st_size for f in (root / "visual").glob("*/*.jpg"))
-    log.info("packs in %s: decoded frames %.2f GB (their JPEG files: %.2f GB), audio %.2f GB", directory,
-             frames.nbytes / 1e9, jpeg / 1e9, audio.nbytes / 1e9)
-    return ClipPacks(frames, audio)
-
-
-class ClipCacheDataModule(PreparedCacheDataModule):
-    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads items from.
-
-    Args:
-        store: ``packed`` (default): the frames decoded once, at the first setup, and the audio arrays copied into
-            memory-mapped packs (``<pack_dir>/frames.bin``, ``audio.bin``; their sizes are logged, and
-            ``docs/datasets/`` gives them per data set), then read without opening a file or decoding an image;
-            ``files``: each item read from the cache's own files (``.npy`` and JPEG; no extra disk).
-        pack_dir: where the packs go (default ``<root>/packed``; another directory for a read-only cache).
-        **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s.
-    """
-
-    def __init__(self, *args: Any, store: str = "packed", pack_dir: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if store not in STORES:
-            raise ValueError(f"unknown store={store!r}: choose {' or '.join(STORES)}")
-        self.store = store
-        self.pack_dir = None if pack_dir is None else Path(pack_dir).expanduser()
-
-    def clip_packs(self, clips: Sequence[str], counts: Sequence[int]) -> ClipPacks | None:
-        """The clips' packs (``store=packed``), or None (``store=files``)."""
-        if self.store == "files":
-            return None
-        return clip_packs(self.root, clips, counts, self.pack_dir or self.root / "packed")
-
-
 class ClipDataset(Dataset):
     """Items ``{"inputs": {"audio": [1, F, T_audio], "visual": [T, 3, S, S]}, "label": int}`` from a clip cache.
 
     The cache layout the audio-visual preparations share: ``audio/<clip>.npy`` (a 2-D spectrogram or filter
     bank) and ``visual/<clip>/00000.jpg, 00001.jpg, ...`` (frames in temporal order), or the same frames decoded
-    in packs with the audio arrays (:func:`clip_packs`).
+    in packs with the audio arrays (:func:`~datamodules.clip_packs.clip_packs`).
 
     Training picks ``T`` of a clip's frames at random (in temporal order); evaluation takes the centres of ``T``
     equal segments (the middle frame for ``T = 1``). A clip with fewer than ``T`` frames repeats frames.

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached, write_clip
+from datamodules.clip_cache import ClipCacheDataModule
+from datamodules.clips import ClipDataset, clip_cached, write_clip
 from datamodules.media import tiled_log_stft
 from datamodules.preparation import (
     not_a_directory,
@@ -234,7 +235,7 @@ class CremaDDataModule(ClipCacheDataModule):
             validation.
         test_fraction: fraction in test (unused with ``files``).
         num_frames: frames per clip (``T``); OGM-GE uses 1 on CREMA-D, MLA 3.
-        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``, ``augment``) and the
+        **kwargs: :class:`~datamodules.clip_cache.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``, ``augment``) and the
             base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 

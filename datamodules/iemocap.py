@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached
+from datamodules.clip_cache import ClipCacheDataModule
+from datamodules.clips import ClipDataset, clip_cached
 from datamodules.iemocap_prepare import CACHE_LAYOUT, CACHE_VERSION, COMMAND
 from datamodules.iemocap_prepare import main as prepare_main  # noqa: F401 (balance-prepare finds it here)
 from datamodules.iemocap_raw import CLASSES, RAW_LAYOUT, SOURCE, session_dirs

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.clips import ClipCacheDataModule, ClipDataset, clip_cached
+from datamodules.clip_cache import ClipCacheDataModule
+from datamodules.clips import ClipDataset, clip_cached
 from datamodules.kinetics_sounds_prepare import CACHE_LAYOUT, CACHE_VERSION, COMMAND, PROG
 from datamodules.kinetics_sounds_prepare import main as prepare_main  # noqa: F401 (balance-prepare finds it here)
 from datamodules.kinetics_sounds_raw import (
@@ -91,7 +92,7 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
         augment: training items draw their frames at random within the segments and get random resized crop +
             horizontal flip (the papers'); without it, and always in evaluation: the segments' middle frames, resize
             + centre crop.
-        **kwargs: :class:`~datamodules.clips.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``) and the base
+        **kwargs: :class:`~datamodules.clip_cache.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``) and the base
             datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 

@@ -16,6 +16,10 @@ NORM_MEAN = -4.503877  # AudioSet fbank statistics (AST); OGM-GE divides by twic
 NORM_STD = 2 * 5.141276
 AUDIO_SHAPE = (TARGET_FRAMES, NUM_MEL_BINS)
 MIN_SAMPLES = SAMPLE_RATE * 25 // 1000  # one 25 ms fbank window
+#: the fbank's parameters, as a preparation records them (and checks them when resuming)
+FBANK_PARAMS = {"sample_rate": SAMPLE_RATE, "resampling": "kaiser_best", "channels": "mean", "remove_mean": True,
+                "num_mel_bins": NUM_MEL_BINS, "frame_shift_ms": FRAME_SHIFT_MS, "target_frames": TARGET_FRAMES,
+                "norm_mean": NORM_MEAN, "norm_std": NORM_STD}
 
 
 def log_mel_fbank(wave: np.ndarray) -> np.ndarray:

@@ -19,16 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.clips import clip_cached, write_clip
-from datamodules.kinetics_sounds_media import (
-    AUDIO_SHAPE,
-    FRAME_SHIFT_MS,
-    NORM_MEAN,
-    NORM_STD,
-    NUM_MEL_BINS,
-    SAMPLE_RATE,
-    TARGET_FRAMES,
-    log_mel_fbank,
-)
+from datamodules.kinetics_sounds_media import AUDIO_SHAPE, FBANK_PARAMS, SAMPLE_RATE, log_mel_fbank
 from datamodules.kinetics_sounds_raw import CLASSES, RAW_LAYOUT, SOURCE, RawClip, RawScan, raw_error, scan_raw
 from datamodules.preparation import (
     not_a_directory,
@@ -114,10 +105,7 @@ def prepare(
     if (problem := not_a_directory(raw)) is not None:
         raise raw_error(problem)
     scan = scan_raw(raw)
-    params = {"sample_rate": SAMPLE_RATE, "resampling": "kaiser_best", "channels": "mean", "remove_mean": True,
-              "num_mel_bins": NUM_MEL_BINS, "frame_shift_ms": FRAME_SHIFT_MS, "target_frames": TARGET_FRAMES,
-              "norm_mean": NORM_MEAN, "norm_std": NORM_STD, "fps": float(fps), "short_side": int(short_side),
-              "jpeg_quality": int(quality)}
+    params = {**FBANK_PARAMS, "fps": float(fps), "short_side": int(short_side), "jpeg_quality": int(quality)}
     check_params(out, params, PROG)
     remove_stale_temporaries(out / "audio", out / "visual")
     work = functools.partial(_prepare_clip, raw=str(raw), out=str(out), fps=fps, short_side=short_side,

@@ -22,6 +22,7 @@ from datamodules.preparation import (
     atomic_write_text,
     check_params,
     finish,
+    not_a_directory,
     remove_stale_temporaries,
     run_items,
 )
@@ -40,6 +41,9 @@ class ListedDataSet:
         features: the audio array of a mono wave at ``sample_rate`` (a module-level function: workers get it).
         params: the audio parameters, recorded and checked when resuming.
         audio_shape: the array's shape, recorded in ``meta.json``.
+        version: the cache's version.
+        scan_raw: reads the list below a raw root and finds its clips: ``(listed, scan)``.
+        raw_error: the error naming the raw layout, from a one-line problem.
     """
 
     name: str
@@ -49,6 +53,9 @@ class ListedDataSet:
     features: Callable[[np.ndarray], np.ndarray]
     params: dict[str, Any]
     audio_shape: tuple[int, ...]
+    version: int
+    scan_raw: Callable[[Path], tuple[list[ListedClip], ListScan]]
+    raw_error: Callable[[str], Exception]
 
     @property
     def prog(self) -> str:
@@ -79,15 +86,19 @@ def _clips_csv(clips: Sequence[RawClip], out: Path) -> str:
     return text.getvalue()
 
 
-def prepare_listed(data: ListedDataSet, raw: Path, out: Path, listed: list[ListedClip], scan: ListScan,
-                   version: int, workers: int | None, fps: float, short_side: int, quality: int) -> PrepareReport:
-    """Prepares the cache ``out`` from the clips ``scan`` found of ``listed``; resumable.
+def prepare_listed(data: ListedDataSet, raw: str | Path, out: str | Path, workers: int | None = None,
+                   fps: float = 1.0, short_side: int = 224, quality: int = 95) -> PrepareReport:
+    """Prepares the cache ``out`` from the list and the clips below ``raw``; resumable.
 
     Clips whose audio and frames both exist are skipped; every clip that fails (unreadable audio or video, no audio
     stream, found twice) is listed with its reason in ``OUT/prepare_report.txt``; the listed clips the download
     lacks are counted there and listed in ``OUT/missing_clips.txt``. Exits with status 1 when no usable clip is
     left, 2 when ``out`` was prepared with other parameters.
     """
+    raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
+    if (problem := not_a_directory(raw)) is not None:
+        raise data.raw_error(problem)
+    listed, scan = data.scan_raw(raw)
     params = {**data.params, "sample_rate": data.sample_rate, "fps": float(fps), "short_side": int(short_side),
               "jpeg_quality": int(quality)}
     check_params(out, params, data.prog)
@@ -110,7 +121,7 @@ def prepare_listed(data: ListedDataSet, raw: Path, out: Path, listed: list[Liste
               f"(listed in {out / 'missing_clips.txt'})")
     finish(report, out, data.prog, details, usable=len(usable))  # exits 1 if nothing is usable
     splits = sorted({row.split for row in listed})
-    meta = {"dataset": data.name, "version": version, "params": params,
+    meta = {"dataset": data.name, "version": data.version, "params": params,
             "classes": sorted({row.label for row in listed}), "audio_shape": list(data.audio_shape),
             "num_clips": len(usable), "num_listed": len(listed),
             "clips_per_split": {s: sum(c.split == s for c in usable) for s in splits},

@@ -6,21 +6,11 @@ README refers) and the frames at 1 fps (:func:`~datamodules.listed_prepare.prepa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from datamodules.kinetics_sounds_media import (
-    AUDIO_SHAPE,
-    FRAME_SHIFT_MS,
-    NORM_MEAN,
-    NORM_STD,
-    NUM_MEL_BINS,
-    SAMPLE_RATE,
-    TARGET_FRAMES,
-    log_mel_fbank,
-)
+from datamodules.kinetics_sounds_media import AUDIO_SHAPE, FBANK_PARAMS, SAMPLE_RATE, log_mel_fbank
 from datamodules.listed_prepare import ListedDataSet, prepare_listed
 from datamodules.mm_debiased_raw import LIST_FILE, RAW_LAYOUT, SOURCE, raw_error, scan_raw
-from datamodules.preparation import PrepareReport, not_a_directory, prepare_parser, run_prepare_command
+from datamodules.preparation import prepare_parser, run_prepare_command
 
 CACHE_VERSION = 1
 PROG = "balance-prepare mm_debiased"
@@ -36,21 +26,8 @@ OUT/
   prepare_params.json       the parameters, checked when resuming"""
 MM_DEBIASED = ListedDataSet(
     name="mm_debiased", title="MM-Debiased", list_file=LIST_FILE, sample_rate=SAMPLE_RATE, features=log_mel_fbank,
-    params={"resampling": "kaiser_best", "channels": "mean", "remove_mean": True, "num_mel_bins": NUM_MEL_BINS,
-            "frame_shift_ms": FRAME_SHIFT_MS, "target_frames": TARGET_FRAMES, "norm_mean": NORM_MEAN,
-            "norm_std": NORM_STD},
-    audio_shape=AUDIO_SHAPE)
-
-
-def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: float = 1.0, short_side: int = 224,
-            quality: int = 95) -> PrepareReport:
-    """Prepares the cache (``CACHE_LAYOUT``) from the list and the clips (``RAW_LAYOUT``); resumable (see
-    :func:`~datamodules.listed_prepare.prepare_listed`)."""
-    raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
-    if (problem := not_a_directory(raw)) is not None:
-        raise raw_error(problem)
-    listed, scan = scan_raw(raw)
-    return prepare_listed(MM_DEBIASED, raw, out, listed, scan, CACHE_VERSION, workers, fps, short_side, quality)
+    params=FBANK_PARAMS,
+    audio_shape=AUDIO_SHAPE, version=CACHE_VERSION, scan_raw=scan_raw, raw_error=raw_error)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -59,5 +36,5 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "clips) into fbanks and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
     parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
     args = parser.parse_args(argv)
-    run_prepare_command(parser, "mm_debiased", args.out, lambda: prepare(
-        args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))
+    run_prepare_command(parser, "mm_debiased", args.out, lambda: prepare_listed(
+        MM_DEBIASED, args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))

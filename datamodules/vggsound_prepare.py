@@ -7,13 +7,12 @@ list's classes)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from datamodules.listed_prepare import ListedDataSet, prepare_listed
 from datamodules.media import tiled_log_stft
-from datamodules.preparation import PrepareReport, not_a_directory, prepare_parser, run_prepare_command
+from datamodules.preparation import prepare_parser, run_prepare_command
 from datamodules.vggsound_raw import LIST_FILE, RAW_LAYOUT, SOURCE, raw_error, scan_raw
 
 CACHE_VERSION = 1
@@ -53,18 +52,7 @@ VGGSOUND = ListedDataSet(
     name="vggsound", title="VGGSound", list_file=LIST_FILE, sample_rate=SAMPLE_RATE, features=log_spectrogram,
     params={"resampling": "kaiser_best", "channels": "mean", "seconds": SECONDS, "n_fft": N_FFT,
             "hop_length": HOP_LENGTH, "window": "hann", "stft_pad_mode": "reflect"},
-    audio_shape=AUDIO_SHAPE)
-
-
-def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: float = 1.0, short_side: int = 224,
-            quality: int = 95) -> PrepareReport:
-    """Prepares the cache (``CACHE_LAYOUT``) from the list and the clips (``RAW_LAYOUT``); resumable (see
-    :func:`~datamodules.listed_prepare.prepare_listed`)."""
-    raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
-    if (problem := not_a_directory(raw)) is not None:
-        raise raw_error(problem)
-    listed, scan = scan_raw(raw)
-    return prepare_listed(VGGSOUND, raw, out, listed, scan, CACHE_VERSION, workers, fps, short_side, quality)
+    audio_shape=AUDIO_SHAPE, version=CACHE_VERSION, scan_raw=scan_raw, raw_error=raw_error)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -73,5 +61,5 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
     parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
     args = parser.parse_args(argv)
-    run_prepare_command(parser, "vggsound", args.out, lambda: prepare(
-        args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))
+    run_prepare_command(parser, "vggsound", args.out, lambda: prepare_listed(
+        VGGSOUND, args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))

@@ -115,14 +115,14 @@ def test_official_splits_items_and_stratified(cache):
     dm.setup("fit")
     assert dm.num_classes == 3
     for split, events in EVENTS.items():
-        assert sorted(dm.split_events[split]) == sorted(f"{v}_{s}_{e}" for _, v, s, e in events)
+        assert sorted(dm.split_items[split]) == sorted(f"{v}_{s}_{e}" for _, v, s, e in events)
     batch = next(iter(dm.train_dataloader()))
     assert batch["inputs"]["audio"].shape == (4, 1, 257, 1004)
     assert batch["inputs"]["visual"].shape == (4, 3, 3, 224, 224)
     stratified = AVEDataModule(root=str(cache), split="stratified", num_workers=0, val_fraction=0.2,
                                test_fraction=0.2)
     stratified.setup("fit")
-    assert sum(len(v) for v in stratified.split_events.values()) == 3 * sum(SPLITS.values())
+    assert sum(len(v) for v in stratified.split_items.values()) == 3 * sum(SPLITS.values())
 
 
 def test_errors_name_the_layout_and_the_command(raw, tmp_path):

@@ -89,7 +89,7 @@ def test_the_lists_subsets_are_the_splits(cache):
     dm.prepare_data()
     dm.setup("fit")
     assert dm.num_classes == 3
-    assert {name: len(v) for name, v in dm.split_clips.items()} == {"train": 3 * 4 + 2, "val": 3, "test": 3}
+    assert {name: len(v) for name, v in dm.split_items.items()} == {"train": 3 * 4 + 2, "val": 3, "test": 3}
     batch = next(iter(dm.train_dataloader()))
     assert batch["inputs"]["audio"].shape == (4, 1, 1024, 128)
     assert batch["inputs"]["visual"].shape == (4, 3, 3, 224, 224)

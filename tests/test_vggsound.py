@@ -103,8 +103,8 @@ def test_official_split_and_items(cache):
     dm.setup("fit")
     assert dm.num_classes == 4
     test_ids = {f"{ytid}_{start}" for ytid, start, _, split in ROWS if split == "test"}
-    assert set(dm.split_clips["test"]) == test_ids
-    assert not set(dm.split_clips["val"]) & test_ids and len(dm.split_clips["val"]) >= 1
+    assert set(dm.split_items["test"]) == test_ids
+    assert not set(dm.split_items["val"]) & test_ids and len(dm.split_items["val"]) >= 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["inputs"]["audio"].shape == (4, 1, 129, WINDOW)
     assert batch["inputs"]["visual"].shape == (4, 3, 3, 224, 224)
@@ -127,7 +127,7 @@ def test_split_files_and_the_errors(cache, tmp_path, raw):
     test.write_text("\n".join(ids[14:]) + "\n")
     dm = VGGSoundDataModule(root=str(cache), split_files={"train": str(train), "test": str(test)}, num_workers=0)
     dm.setup("fit")
-    assert len(dm.split_clips["test"]) == len(ids) - 14
+    assert len(dm.split_items["test"]) == len(ids) - 14
     with pytest.raises(FileNotFoundError, match="balance-prepare vggsound"):
         VGGSoundDataModule(root=str(raw)).prepare_data()
     with pytest.raises(ValueError, match="official, stratified or files|choose"):
