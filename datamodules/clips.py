@@ -3,6 +3,8 @@ clip into it, and reading items from it or from its packs (:mod:`datamodules.cli
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,17 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
             problems.append(f"video: {reason(error)}")
     if problems:
         raise ClipError("; ".join(problems))
+
+
+def clips_csv(clips: Sequence[Any], out: Path) -> str:
+    """``clips.csv`` of labelled clips (each with ``clip``, ``label`` and ``split``): ``clip,label,split,frames``, the
+    frames counted in the cache ``out``."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["clip", "label", "split", "frames"])
+    for c in clips:
+        writer.writerow([c.clip, c.label, c.split, len(list((out / "visual" / c.clip).glob("*.jpg")))])
+    return text.getvalue()
 
 
 class ClipDataset(Dataset):

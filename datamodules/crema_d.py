@@ -235,8 +235,9 @@ class CremaDDataModule(ClipCacheDataModule):
             validation.
         test_fraction: fraction in test (unused with ``files``).
         num_frames: frames per clip (``T``); OGM-GE uses 1 on CREMA-D, MLA 3.
-        **kwargs: :class:`~datamodules.clip_cache.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``, ``augment``) and the
-            base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
+        **kwargs: :class:`~datamodules.clip_cache.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's
+            (``image_size``, ``augment``) and the base datamodule's arguments (``batch_size``, ``num_workers``,
+            ``seed``, ...).
     """
 
     modalities = ["audio", "visual"]

@@ -92,8 +92,8 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
         augment: training items draw their frames at random within the segments and get random resized crop +
             horizontal flip (the papers'); without it, and always in evaluation: the segments' middle frames, resize
             + centre crop.
-        **kwargs: :class:`~datamodules.clip_cache.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's (``image_size``) and the base
-            datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
+        **kwargs: :class:`~datamodules.clip_cache.ClipCacheDataModule`'s (``store``, ``pack_dir``) and its base's
+            (``image_size``) and the base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
     modalities = ["audio", "visual"]

@@ -11,16 +11,14 @@ or fbank per epoch.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.clips import clip_cached, write_clip
+from datamodules.clips import clip_cached, clips_csv, write_clip
 from datamodules.kinetics_sounds_media import AUDIO_SHAPE, FBANK_PARAMS, SAMPLE_RATE, log_mel_fbank
-from datamodules.kinetics_sounds_raw import CLASSES, RAW_LAYOUT, SOURCE, RawClip, RawScan, raw_error, scan_raw
+from datamodules.kinetics_sounds_raw import CLASSES, RAW_LAYOUT, SOURCE, RawScan, raw_error, scan_raw
 from datamodules.preparation import (
     not_a_directory,
     PrepareReport,
@@ -59,15 +57,6 @@ def _prepare_clip(item: str, raw: str, out: str, fps: float, short_side: int, qu
 
 def _is_done(item: str, out: Path) -> bool:
     return clip_cached(Path(item).stem, out)
-
-
-def _clips_csv(clips: Sequence[RawClip], out: Path) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["clip", "label", "split", "frames"])
-    for c in clips:
-        writer.writerow([c.clip, c.label, c.split, len(list((out / "visual" / c.clip).glob("*.jpg")))])
-    return text.getvalue()
 
 
 def _details(raw: Path, out: Path, scan: RawScan) -> list[str]:
@@ -117,7 +106,7 @@ def prepare(
     ready = set(run.ok + run.done)
     usable = [c for c in scan.clips if c.path in ready]
     if usable:
-        atomic_write_text(out / "clips.csv", _clips_csv(usable, out))
+        atomic_write_text(out / "clips.csv", clips_csv(usable, out))
     if scan.other_classes:
         print(f"{PROG}: skipped {sum(scan.other_classes.values())} clips in {len(scan.other_classes)} folders of "
               "classes outside Kinetics-Sounds (listed in the report)")

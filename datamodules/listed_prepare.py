@@ -5,18 +5,16 @@ write_clip`), with the report, ``clips.csv``, ``missing_clips.txt`` (the listed 
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from datamodules.clips import clip_cached, write_clip
+from datamodules.clips import clip_cached, clips_csv, write_clip
 from datamodules.preparation import (
     PrepareReport,
     atomic_write_text,
@@ -26,7 +24,7 @@ from datamodules.preparation import (
     remove_stale_temporaries,
     run_items,
 )
-from datamodules.youtube import ListedClip, ListScan, RawClip, clip_key
+from datamodules.youtube import ListedClip, ListScan, clip_key
 
 
 @dataclass(frozen=True)
@@ -77,15 +75,6 @@ def _is_done(item: str, out: Path) -> bool:
     return clip_cached(clip_key(Path(item).name), out)  # the cache name of RawClip.clip
 
 
-def _clips_csv(clips: Sequence[RawClip], out: Path) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["clip", "label", "split", "frames"])
-    for c in clips:
-        writer.writerow([c.clip, c.label, c.split, len(list((out / "visual" / c.clip).glob("*.jpg")))])
-    return text.getvalue()
-
-
 def prepare_listed(data: ListedDataSet, raw: str | Path, out: str | Path, workers: int | None = None,
                    fps: float = 1.0, short_side: int = 224, quality: int = 95) -> PrepareReport:
     """Prepares the cache ``out`` from the list and the clips below ``raw``; resumable.
@@ -111,7 +100,7 @@ def prepare_listed(data: ListedDataSet, raw: str | Path, out: str | Path, worker
     ready = set(run.ok + run.done)
     usable = [c for c in scan.clips if c.path in ready]
     if usable:
-        atomic_write_text(out / "clips.csv", _clips_csv(usable, out))
+        atomic_write_text(out / "clips.csv", clips_csv(usable, out))
     atomic_write_text(out / "missing_clips.txt", "".join(f"{key}\n" for key in scan.missing))
     details = [f"raw: {raw} ({data.list_file}: {len(listed)} clips; {len(scan.clips)} found)", f"out: {out}",
                f"listed but not in the raw download: {len(scan.missing)} clips (missing_clips.txt)",

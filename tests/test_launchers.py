@@ -23,7 +23,8 @@ from balance.sweeps.plugins import check_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data=synthetic", "model=mlp", "data.num_samples=400", "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.contributions.plots=false"]
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "callbacks.contributions.plots=false"]
 
 
 def multirun(*overrides: str) -> subprocess.CompletedProcess:
@@ -139,8 +140,8 @@ def test_parallel_commands_wait_for_the_rows_they_need(tmp_path):
     student = Row("umt", ["method.teachers={audio: '${run_dir}/../../unimodal__audio/seed${seed}'}"])
     other = Row("joint", ["method=joint"])
     assert student.needs([teacher, student, other]) == {"unimodal/audio"} and not other.needs([teacher, other])
-    todo = [([Run(teacher, 0, tmp_path)], command("teacher", 1.0)), ([Run(student, 0, tmp_path)], command("student", 0)),
-            ([Run(other, 0, tmp_path)], command("other", 0))]
+    todo = [([Run(teacher, 0, tmp_path)], command("teacher", 1.0)),
+            ([Run(student, 0, tmp_path)], command("student", 0)), ([Run(other, 0, tmp_path)], command("other", 0))]
     assert _run_all(todo, parallel=3) == []
     events = log.read_text().split()
     assert events.index("student-start") > events.index("teacher-end")

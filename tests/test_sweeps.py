@@ -21,7 +21,8 @@ from balance.sweeps.study_report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data=synthetic", "model=mlp", "data.num_samples=400", "trainer.max_epochs=2",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.contributions.plots=false"]
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "callbacks.contributions.plots=false"]
 PLOTS = ("optimization_history.png", "param_importances.png", "intermediate_values.png")
 
 
