@@ -11,8 +11,8 @@ from balance.run import build_model_config, check_run_options
 from compose import CONF_DIR, compose_train
 
 # Data each model config is built for (a new model config is tested with avdigits unless listed here).
-MODEL_DATA = {"mlp": "synthetic", "small_cnn": "synthetic", "easy_vqa": "easy_vqa", "iemocap": "iemocap", "food101": "food101",
-              "mvsa": "mvsa"}
+MODEL_DATA = {"mlp": "synthetic", "small_cnn": "synthetic", "easy_vqa": "easy_vqa", "iemocap": "iemocap",
+              "food101": "food101", "mvsa": "mvsa", "mosei": "mosei"}
 
 
 def _compose(overrides: list[str], run_dir=None):
@@ -52,7 +52,8 @@ class _FakeData:
     def __init__(self, datamodule_cfg):
         dm = instantiate(datamodule_cfg)
         self.modalities, self.num_classes = dm.modalities, dm.num_classes
-        self.encoder_kwargs = {m: {"vocab_size": 50} for m in self.modalities}
+        # What the data fills in for some encoders: a vocabulary size (text), a feature size (sequences).
+        self.encoder_kwargs = {m: {"vocab_size": 50, "in_dim": 8} for m in self.modalities}
 
 
 @pytest.mark.parametrize("name", _configs("data"))

@@ -1,6 +1,13 @@
 """Models: encoders, fusion heads and the `MultimodalModel` that joins them (plain nn.Modules)."""
 
-from balance.models.encoders import MLPEncoder, ResNet18Encoder, SmallCNNEncoder, TextEncoder, replicate
+from balance.models.encoders import (
+    MLPEncoder,
+    ResNet18Encoder,
+    SequenceEncoder,
+    SmallCNNEncoder,
+    TextEncoder,
+    replicate,
+)
 from balance.models.fusion import (
     ConcatFusion,
     CosineFusion,
@@ -24,6 +31,7 @@ __all__ = [
     "MLPEncoder",
     "MultimodalModel",
     "ResNet18Encoder",
+    "SequenceEncoder",
     "SharedHead",
     "SmallCNNEncoder",
     "SumFusion",

@@ -202,6 +202,61 @@ class TextEncoder(nn.Module):
         return self.project(pooled)
 
 
+class SequenceEncoder(nn.Module):
+    """Feature sequences ``[B, L, in_dim]`` (a time step of all zeros is padding) to a feature vector: a GRU's last
+    hidden state over the steps that are not padding (``kind="gru"``), or a small Transformer encoder with learned
+    positions, mean-pooled over them (``kind="transformer"``). The steps are taken in order, padding anywhere; a
+    sequence of padding only (a dropped modality) gives the features of one zero step.
+
+    Args:
+        in_dim: features per time step (e.g. 300 GloVe, 74 COVAREP, 35 Facet for CMU-MOSEI).
+        hidden_dim: the GRU's or the Transformer's width.
+        out_dim: output feature size.
+        kind: ``gru`` or ``transformer``.
+        num_layers: GRU or Transformer layers.
+        num_heads: attention heads (``transformer``).
+        dropout: dropout between GRU layers or inside the Transformer.
+        max_length: longest sequence the learned positions cover (``transformer``).
+    """
+
+    KINDS = ("gru", "transformer")
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, out_dim: int = 128, kind: str = "gru", num_layers: int = 1,
+                 num_heads: int = 4, dropout: float = 0.1, max_length: int = 512) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown sequence encoder kind={kind!r}: choose {' or '.join(self.KINDS)}")
+        self.kind = kind
+        if kind == "gru":
+            self.gru = nn.GRU(in_dim, hidden_dim, num_layers=num_layers, batch_first=True,
+                              dropout=dropout if num_layers > 1 else 0.0)
+        else:
+            self.embed = nn.Linear(in_dim, hidden_dim)
+            self.positions = nn.Parameter(torch.zeros(max_length, hidden_dim))
+            self.transformer = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(hidden_dim, num_heads, dim_feedforward=2 * hidden_dim, dropout=dropout,
+                                           batch_first=True), num_layers, enable_nested_tensor=False)
+        self.project = nn.Linear(hidden_dim, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = x.abs().sum(dim=-1) > 0  # [B, L]
+        # The steps that are not padding first, in their order: the sequences are then [0, length) each.
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
+        x = torch.gather(x, 1, order.unsqueeze(-1).expand_as(x))
+        lengths = present.sum(dim=1).clamp_min(1)
+        if self.kind == "gru":
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, hidden = self.gru(packed)
+            return self.project(hidden[-1])
+        if x.shape[1] > self.positions.shape[0]:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds max_length {self.positions.shape[0]}")
+        pad = torch.arange(x.shape[1], device=x.device) >= lengths.unsqueeze(1)
+        out = self.transformer(self.embed(x) + self.positions[: x.shape[1]], src_key_padding_mask=pad)
+        weights = (~pad).unsqueeze(-1).to(out.dtype)
+        return self.project((out * weights).sum(dim=1) / weights.sum(dim=1))
+
+
 def replicate(encoder: Callable[[], nn.Module], modalities: Sequence[str]) -> dict[str, nn.Module]:
     """One fresh encoder per modality from one partial config (e.g. the same MLP for every synthetic modality)."""
     return {modality: encoder() for modality in modalities}
