@@ -1,4 +1,4 @@
-"""AVE (``data=ave``): 4,143 audio-visual events of 28 categories (church bell, dog barking, playing guitar, ...) in
+"""AVE: 4,143 audio-visual events of 28 categories (church bell, dog barking, playing guitar, ...) in
 10 s YouTube videos, audio + video, with official train/val/test splits. The datamodule reads the cache that
 ``balance-prepare ave --raw RAW --out OUT`` writes (its preparation is ``prepare_main`` here, where
 ``balance-prepare`` finds it; the download: :mod:`datamodules.ave_raw`; the preparation:

@@ -1,4 +1,4 @@
-"""MM-Debiased (``data=mm_debiased``): the valuation paper's 14,025 clips of VGGSound and Kinetics-400 in 10 classes,
+"""MM-Debiased: the valuation paper's 14,025 clips of VGGSound and Kinetics-400 in 10 classes,
 chosen so that neither modality dominates over the data set while single samples still lean on one; audio +
 video. The datamodule reads the cache that ``balance-prepare mm_debiased --raw RAW --out OUT`` writes (its
 preparation is ``prepare_main`` here, where ``balance-prepare`` finds it)."""

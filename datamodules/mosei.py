@@ -1,4 +1,4 @@
-"""CMU-MOSEI (``data=mosei``): about 23,000 opinion utterances of YouTube speakers with a sentiment score in
+"""CMU-MOSEI: about 23,000 opinion utterances of YouTube speakers with a sentiment score in
 [-3, 3], three modalities: the word-aligned features most of the field uses, as MultiBench ships them
 (``mosei_senti_data.pkl``: text 300-d GloVe, audio 74-d COVAREP, visual 35-d Facet, 50 steps). The preparation,
 ``balance-prepare mosei --raw RAW --out OUT`` (:func:`prepare_main`), turns the pickle into memory-mapped arrays

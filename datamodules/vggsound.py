@@ -1,4 +1,4 @@
-"""VGGSound (``data=vggsound``): about 200,000 YouTube clips of 10 s in 309 sound classes, audio + video. The
+"""VGGSound: about 200,000 YouTube clips of 10 s in 309 sound classes, audio + video. The
 datamodule reads the cache that ``balance-prepare vggsound --raw RAW --out OUT`` writes (its preparation is
 ``prepare_main`` here, where ``balance-prepare`` finds it; the raw list and clips: :mod:`datamodules.vggsound_raw`;
 the preparation: :mod:`datamodules.vggsound_prepare`)."""
