@@ -16,13 +16,14 @@ import numpy as np
 from datamodules.ave_raw import ANNOTATIONS, RAW_LAYOUT, SOURCE, VIDEO_DIR, Event, raw_error, scan_raw
 from datamodules.clips import clip_cached, write_clip
 from datamodules.preparation import (
-    PrepareReport,
     atomic_write_text,
     check_params,
     finish,
     not_a_directory,
     prepare_parser,
+    PrepareReport,
     remove_stale_temporaries,
+    report_reason,
     run_items,
     run_prepare_command,
 )
@@ -70,15 +71,11 @@ def parse_event(key: str) -> tuple[str, int, int]:
     return video, int(start), int(end)
 
 
-def _reason(error: Exception, raw: Path) -> str:
-    return str(error).replace(f"{raw}/", "")
-
-
 def _prepare_event(key: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
     video, start, end = parse_event(key)
     path = Path(raw) / VIDEO_DIR / f"{video}.mp4"
     write_clip(key, Path(out), path, path, SAMPLE_RATE, log_spectrogram, fps, short_side, quality,
-               reason=lambda error: _reason(error, Path(raw)), span=(start, end))
+               reason=lambda error: report_reason(error, Path(raw)), span=(start, end))
 
 
 def _is_done(key: str, out: Path) -> bool:

@@ -21,7 +21,6 @@ from datamodules.splits import stratified_split
 STORES = ("packed", "files")
 
 
-
 class ClipCacheDataModule(PreparedCacheDataModule):
     """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads items from.
 
@@ -46,8 +45,6 @@ class ClipCacheDataModule(PreparedCacheDataModule):
         if self.store == "files":
             return None
         return clip_packs(self.root, clips, counts, self.pack_dir or self.root / "packed")
-
-
 
 
 class LabelledClipsDataModule(ClipCacheDataModule):

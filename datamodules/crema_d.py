@@ -28,16 +28,17 @@ from datamodules.clip_cache import ClipCacheDataModule
 from datamodules.clips import ClipDataset, clip_cached, write_clip
 from datamodules.media import tiled_log_stft
 from datamodules.preparation import (
-    not_a_directory,
-    missing_cache_error,
-    PrepareReport,
-    prepare_parser,
-    run_prepare_command,
     atomic_write_text,
     check_params,
     finish,
+    missing_cache_error,
+    not_a_directory,
+    prepare_parser,
+    PrepareReport,
     remove_stale_temporaries,
+    report_reason,
     run_items,
+    run_prepare_command,
 )
 from datamodules.splits import group_split, random_split, split_file_lines, stratified_split
 
@@ -87,14 +88,11 @@ def log_spectrogram(wave: np.ndarray) -> np.ndarray:
     return tiled_log_stft(wave, SAMPLE_RATE * SECONDS, N_FFT, HOP_LENGTH)
 
 
-def _short(error: Exception, raw: Path) -> str:
-    return str(error).replace(f"{raw}/", "")
-
-
 def _prepare_clip(clip: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
     raw_path = Path(raw)
     write_clip(clip, Path(out), raw_path / "AudioWAV" / f"{clip}.wav", raw_path / "VideoFlash" / f"{clip}.flv",
-               SAMPLE_RATE, log_spectrogram, fps, short_side, quality, reason=lambda error: _short(error, raw_path))
+               SAMPLE_RATE, log_spectrogram, fps, short_side, quality,
+               reason=lambda error: report_reason(error, raw_path))
 
 
 def _raw_error(raw: Path, problem: str) -> FileNotFoundError:

@@ -55,16 +55,17 @@ from datamodules.iemocap_raw import (
 )
 from datamodules.media import MediaError
 from datamodules.preparation import (
-    not_a_directory,
-    PrepareReport,
-    prepare_parser,
-    run_prepare_command,
     atomic_output,
     atomic_write_text,
     check_params,
     finish,
+    not_a_directory,
+    prepare_parser,
+    PrepareReport,
     remove_stale_temporaries,
+    report_reason,
     run_items,
+    run_prepare_command,
 )
 
 FRAMES = 3
@@ -78,10 +79,6 @@ OUT/
   audio/<utterance>.npy          float16 [128, 1024] log-mel filter bank (16 kHz, 10 ms frames)
   visual/<utterance>/0000k.jpg   3 frames at the centres of the thirds of the utterance's span (00001.jpg: the middle)
   prepare_report.txt             what the last preparation did, every failed utterance with its reason"""
-
-
-def _short(error: Exception, raw: Path) -> str:
-    return str(error).replace(f"{raw}/", "")
 
 
 def _prepare_dialog(item: str, raw: str, out: str, failures: str, frames: int, short_side: int, quality: int,
@@ -107,7 +104,7 @@ def _prepare_dialog(item: str, raw: str, out: str, failures: str, frames: int, s
             wave, _ = read_audio(wav_file(session_dir, u), SAMPLE_RATE)
             bank = log_mel(wave, mel_bins, audio_frames).astype(np.float16)
         except (MediaError, ValueError) as error:
-            problems.setdefault(u.utterance, []).append(f"audio: {_short(error, raw_path)}")
+            problems.setdefault(u.utterance, []).append(f"audio: {report_reason(error, raw_path)}")
             continue
         with atomic_output(target) as temp:
             np.save(temp, bank)
@@ -120,13 +117,13 @@ def _prepare_dialog(item: str, raw: str, out: str, failures: str, frames: int, s
             images = grab_frames(avi, times, short_side)
         except MediaError as error:
             for u in todo:
-                problems.setdefault(u.utterance, []).append(f"visual: {_short(error, raw_path)}")
+                problems.setdefault(u.utterance, []).append(f"visual: {report_reason(error, raw_path)}")
         else:
             for k, u in enumerate(todo):
                 own = images[k * frames:(k + 1) * frames]
                 if any(image is None for image in own):
                     problems.setdefault(u.utterance, []).append(
-                        f"visual: the span [{u.start}-{u.end}] s is past the end of {_short(avi, raw_path)}")
+                        f"visual: the span [{u.start}-{u.end}] s is past the end of {report_reason(avi, raw_path)}")
                     continue
                 with atomic_output(out_path / "visual" / u.utterance, directory=True) as temp:
                     for j, image in enumerate(own):

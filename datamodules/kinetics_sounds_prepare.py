@@ -20,15 +20,16 @@ from datamodules.clips import clip_cached, clips_csv, write_clip
 from datamodules.kinetics_sounds_media import AUDIO_SHAPE, FBANK_PARAMS, SAMPLE_RATE, log_mel_fbank
 from datamodules.kinetics_sounds_raw import CLASSES, RAW_LAYOUT, SOURCE, RawScan, raw_error, scan_raw
 from datamodules.preparation import (
-    not_a_directory,
-    PrepareReport,
-    prepare_parser,
-    run_prepare_command,
     atomic_write_text,
     check_params,
     finish,
+    not_a_directory,
+    prepare_parser,
+    PrepareReport,
     remove_stale_temporaries,
+    report_reason,
     run_items,
+    run_prepare_command,
 )
 
 CACHE_VERSION = 1
@@ -44,15 +45,10 @@ OUT/
   prepare_params.json       the parameters, checked when resuming"""
 
 
-def _reason(error: Exception, path: Path, raw: Path) -> str:
-    # The report names the item already; FFmpeg's messages repeat the path, which is shortened to the item.
-    return str(error).replace(f"{path}: ", "").replace(f"{raw}/", "")
-
-
 def _prepare_clip(item: str, raw: str, out: str, fps: float, short_side: int, quality: int) -> None:
     raw_path, path = Path(raw), Path(raw) / item
     write_clip(Path(item).stem, Path(out), path, path, SAMPLE_RATE, log_mel_fbank, fps, short_side, quality,
-               reason=lambda error: _reason(error, path, raw_path))
+               reason=lambda error: report_reason(error, raw_path, path))
 
 
 def _is_done(item: str, out: Path) -> bool:

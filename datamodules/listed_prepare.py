@@ -16,12 +16,13 @@ import numpy as np
 
 from datamodules.clips import clip_cached, clips_csv, write_clip
 from datamodules.preparation import (
-    PrepareReport,
     atomic_write_text,
     check_params,
     finish,
     not_a_directory,
+    PrepareReport,
     remove_stale_temporaries,
+    report_reason,
     run_items,
 )
 from datamodules.youtube import ListedClip, ListScan, clip_key
@@ -60,15 +61,11 @@ class ListedDataSet:
         return f"balance-prepare {self.name}"
 
 
-def _reason(error: Exception, path: Path, raw: Path) -> str:
-    return str(error).replace(f"{path}: ", "").replace(f"{raw}/", "")
-
-
 def _prepare_clip(item: str, raw: str, out: str, sample_rate: int, features: Callable, fps: float,
                   short_side: int, quality: int) -> None:
     raw_path, path = Path(raw), Path(raw) / item
     write_clip(clip_key(path.name), Path(out), path, path, sample_rate, features, fps, short_side, quality,
-               reason=lambda error: _reason(error, path, raw_path))
+               reason=lambda error: report_reason(error, raw_path, path))
 
 
 def _is_done(item: str, out: Path) -> bool:

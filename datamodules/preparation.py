@@ -385,6 +385,14 @@ def read_cache_meta(root: Path | None, required: Sequence[str], dataset: str, ve
     return meta
 
 
+def report_reason(error: object, raw: Path, path: Path | None = None) -> str:
+    """An error's message as the report gives it: the raw root dropped from its paths, and with ``path`` (the
+    item's file) that path's own ``<path>: `` prefix too, which FFmpeg's messages repeat and the report names
+    already."""
+    text = str(error) if path is None else str(error).replace(f"{path}: ", "")
+    return text.replace(f"{raw}/", "")
+
+
 def not_a_directory(path: Path) -> str | None:
     """Why ``path`` cannot be a raw download's directory, or ``None`` if it can: it does not exist, or it is a file
     (often the archive the data set comes in, not yet extracted)."""
