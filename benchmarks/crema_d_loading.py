@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     from torchvision import transforms as T
 
     from datamodules.clip_packs import clip_packs
-from datamodules.clips import ClipDataset
+    from datamodules.clips import ClipDataset
     from datamodules.crema_d import parse_clip, prepare
     from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
     from datamodules.media import extract_frames, save_frames

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datamodules.clips import read_frame
 from datamodules.packed import Pack, write_pack
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,11 @@ class ClipPacks:
 
 
 def _decoded_frames(root: Path, clips: Sequence[str], counts: Sequence[int]) -> Iterator[tuple[str, np.ndarray]]:
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
     for clip, count in zip(tqdm(clips, desc="packing decoded frames", unit="clip", dynamic_ncols=True), counts):
-        directory = root / "visual" / clip
-        images = [decode_jpeg(read_file(str(directory / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
-                  for k in range(int(count))]
+        images = [read_frame(root, clip, k) for k in range(int(count))]
         if len({tuple(image.shape) for image in images}) != 1:
-            raise ValueError(f"the frames of {directory} differ in size; prepare the cache again, or read the "
-                             "cache's files (data.store=files)")
+            raise ValueError(f"the frames of {root / 'visual' / clip} differ in size; prepare the cache again, or "
+                             "read the cache's files (data.store=files)")
         yield clip, torch.stack(images).permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -55,12 +52,9 @@ def _check_space(root: Path, clips: Sequence[str], counts: Sequence[int], direct
                  audio: bool) -> None:
     """Refuses to start packs the disk cannot hold (the frames' size from the first clip's, the audio's from the
     ``.npy`` files), naming the size and the ways out."""
-    from torchvision.io import decode_jpeg, read_file
-
     need = 0
     if frames and clips:
-        first = decode_jpeg(read_file(str(root / "visual" / clips[0] / "00000.jpg")))
-        need += int(sum(int(c) for c in counts) * first.numel())
+        need += int(sum(int(c) for c in counts) * read_frame(root, clips[0], 0).numel())
     if audio:
         need += sum((root / "audio" / f"{clip}.npy").stat().st_size for clip in clips)
     free = shutil.disk_usage(directory).free
@@ -104,12 +98,14 @@ def clip_packs(root: Path, clips: Sequence[str], counts: Sequence[int], director
                      "instead)", len(clips), directory / "frames.bin")
             write_pack(_decoded_frames(root, clips, counts), directory / "frames", source=cache)
             frames = Pack(directory / "frames")
+            # Only the run that wrote the pack walks the JPEG files, for the comparison.
+            jpeg = sum(f.stat().st_size for f in (root / "visual").glob("*/*.jpg"))
+            log.info("frame pack: %.2f GB of decoded frames (their JPEG files: %.2f GB)", frames.nbytes / 1e9,
+                     jpeg / 1e9)
         if audio is None:
             write_pack(_audio_arrays(root, clips), directory / "audio", source=cache)
             audio = Pack(directory / "audio")
-    jpeg = sum(f.stat().st_size for f in (root / "visual").glob("*/*.jpg"))
-    log.info("packs in %s: decoded frames %.2f GB (their JPEG files: %.2f GB), audio %.2f GB", directory,
-             frames.nbytes / 1e9, jpeg / 1e9, audio.nbytes / 1e9)
+            log.info("audio pack: %.2f GB", audio.nbytes / 1e9)
     return ClipPacks(frames, audio)
 
 

@@ -7,16 +7,18 @@ import csv
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.clip_packs import ClipPacks
 from datamodules.media import MediaError
 from datamodules.preparation import atomic_output
 from datamodules.transforms import frame_transform
+
+if TYPE_CHECKING:
+    from datamodules.clip_packs import ClipPacks
 
 
 class ClipError(MediaError):
@@ -74,6 +76,13 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
         raise ClipError("; ".join(problems))
 
 
+def read_frame(root: Path, clip: str, k: int) -> torch.Tensor:
+    """Frame ``k`` of ``clip`` in the cache ``root`` (``visual/<clip>/0000k.jpg``), decoded: ``uint8 [3, H, W]``."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    return decode_jpeg(read_file(str(root / "visual" / clip / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
+
+
 def clips_csv(clips: Sequence[Any], out: Path) -> str:
     """``clips.csv`` of labelled clips (each with ``clip``, ``label`` and ``split``): ``clip,label,split,frames``, the
     frames counted in the cache ``out``."""
@@ -122,8 +131,6 @@ class ClipDataset(Dataset):
         return [min(available - 1, int((k + 0.5) * available / t)) for k in range(t)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
         clip = self.clips[index]
         indices = self._frame_indices(int(self.frames[index]))
         if self.packs is not None:
@@ -134,9 +141,7 @@ class ClipDataset(Dataset):
             frames = stored.index_select(0, torch.as_tensor(indices)).permute(0, 3, 1, 2)
         else:
             audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy")).float().unsqueeze(0)
-            directory = self.root / "visual" / clip
-            frames = torch.stack([decode_jpeg(read_file(str(directory / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
-                                  for k in indices])
+            frames = torch.stack([read_frame(self.root, clip, k) for k in indices])
         return {"inputs": {"audio": self._audio(audio), "visual": self.transform(frames)},
                 "label": int(self.labels[index])}
 

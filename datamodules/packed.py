@@ -23,15 +23,15 @@ def write_pack(items: Iterable[tuple[str, np.ndarray]], path: Path, source: str 
     made from (to tell a stale pack). Returns the ``.bin`` path."""
     data, index = path.with_suffix(".bin"), path.with_suffix(".json")
     index.unlink(missing_ok=True)  # no reader pairs an old index with the new data
-    keys, shapes, offsets, dtype, offset = [], [], [], None, 0
+    keys, shapes, offsets, dtype, ndim, offset = [], [], [], None, None, 0
     with atomic_output(data) as temp, open(temp, "wb") as handle:
         for key, array in items:
             array = np.ascontiguousarray(array)
             if dtype is None:
-                dtype = array.dtype
-            if array.dtype != dtype or array.ndim != len((shapes or [array.shape])[0]):
+                dtype, ndim = array.dtype, array.ndim
+            if array.dtype != dtype or array.ndim != ndim:
                 raise ValueError(f"pack {path}: item {key!r} is {array.dtype} {array.shape}, the pack holds "
-                                 f"{dtype} arrays of {len(shapes[0])} dimensions")
+                                 f"{dtype} arrays of {ndim} dimensions")
             handle.write(array.tobytes())
             keys.append(key)
             shapes.append(list(array.shape))
