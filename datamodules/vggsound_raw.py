@@ -60,12 +60,4 @@ def scan_raw(raw: Path) -> tuple[list[ListedClip], ListScan]:
     Raises:
         FileNotFoundError: naming the layout, if there is no list or no listed clip is found.
     """
-    list_file = raw / LIST_FILE
-    if not list_file.is_file():
-        raise raw_error(f"no {LIST_FILE} in {raw}")
-    listed = read_list(list_file)
-    scan = scan_listed(raw, listed)
-    if not scan.clips:
-        raise raw_error(f"none of the {len(listed)} clips {LIST_FILE} lists is below {raw} "
-                        f"({scan.unlisted} video files with other names)")
-    return listed, scan
+    return scan_listed(raw, LIST_FILE, read_list, raw_error)

@@ -5,13 +5,14 @@ download."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 
-YOUTUBE_CLIP = re.compile(r"^([A-Za-z0-9_-]{11})_(\d+)(?:_(\d+))?$")  # <11-char id>_<start>[_<end>]
+YOUTUBE_ID = r"[A-Za-z0-9_-]{11}"
+YOUTUBE_CLIP = re.compile(rf"^({YOUTUBE_ID})_(\d+)(?:_(\d+))?$")  # <11-char id>_<start>[_<end>]
 
 
 def clip_key(name: str) -> str:
@@ -42,7 +43,7 @@ def find_clips(raw: Path, keys: Iterable[str]) -> FoundClips:
     some lists give) matches the one file of that id, whatever its start; a file found twice keeps its first path
     (sorted)."""
     wanted = set(keys)
-    bare = {key for key in wanted if re.fullmatch(r"[A-Za-z0-9_-]{11}", key)}
+    bare = {key for key in wanted if re.fullmatch(YOUTUBE_ID, key)}
     by_id: dict[str, list[str]] = {}
     result = FoundClips()
     for path in sorted(p for p in raw.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
@@ -100,10 +101,24 @@ class ListScan:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def scan_listed(raw: Path, listed: list[ListedClip]) -> ListScan:
-    """The clips of ``listed`` found below ``raw`` (:func:`find_clips`), in the list's order."""
+def scan_listed(raw: Path, list_file: str, read: Callable[[Path], list[ListedClip]],
+                raw_error: Callable[[str], Exception]) -> tuple[list[ListedClip], ListScan]:
+    """Reads the list ``raw/list_file`` with ``read`` and finds its clips below ``raw`` (:func:`find_clips`), in
+    the list's order.
+
+    Raises:
+        ``raw_error(problem)`` (the data set's error naming its layout): if there is no list or no listed clip is
+        found.
+    """
+    if not (raw / list_file).is_file():
+        raise raw_error(f"no {list_file} in {raw}")
+    listed = read(raw / list_file)
     clips = find_clips(raw, [row.key for row in listed])
-    return ListScan(clips=[RawClip(clips.found[row.key], row.key, row.label, row.split) for row in listed
+    scan = ListScan(clips=[RawClip(clips.found[row.key], row.key, row.label, row.split) for row in listed
                            if row.key in clips.found],
                     missing=[row.key for row in listed if row.key not in clips.found],
                     unlisted=clips.unlisted, failed=clips.failed)
+    if not scan.clips:
+        raise raw_error(f"none of the {len(listed)} clips {list_file} lists is below {raw} "
+                        f"({scan.unlisted} video files with other names)")
+    return listed, scan
