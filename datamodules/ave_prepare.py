@@ -134,8 +134,8 @@ def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: f
 def main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare ave --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
     parser = prepare_parser("ave", "Prepare AVE (AVE_Dataset/: the videos, Annotations.txt and the split files) into "
-                            "event spectrograms and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
-    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+                            "event spectrograms and 1 fps frames.",
+                            RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224, fps=1.0)
     args = parser.parse_args(argv)
     run_prepare_command(parser, "ave", args.out, lambda: prepare(
         args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))

@@ -174,8 +174,7 @@ def prepare(
 def prepare_main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare crema_d --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
     parser = prepare_parser("crema_d", "Prepare CREMA-D (AudioWAV/*.wav, VideoFlash/*.flv) into spectrograms and 1 fps "
-                            "frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
-    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+                            "frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224, fps=1.0)
     args = parser.parse_args(argv)
     run_prepare_command(parser, "crema_d", args.out, lambda: prepare(
         args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))

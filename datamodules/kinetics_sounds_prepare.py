@@ -119,8 +119,7 @@ def prepare(
 def main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare kinetics_sounds --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
     parser = prepare_parser("kinetics_sounds", "Prepare Kinetics-Sounds (Kinetics-400 class folders of .mp4) into "
-                            "fbanks and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
-    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+                            "fbanks and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224, fps=1.0)
     args = parser.parse_args(argv)
     run_prepare_command(parser, "kinetics_sounds", args.out, lambda: prepare(
         args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))

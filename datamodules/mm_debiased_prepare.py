@@ -33,8 +33,8 @@ MM_DEBIASED = ListedDataSet(
 def main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare mm_debiased --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
     parser = prepare_parser("mm_debiased", "Prepare MM-Debiased (MM-Debiased.json and its VGGSound and Kinetics-400 "
-                            "clips) into fbanks and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
-    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+                            "clips) into fbanks and 1 fps frames.",
+                            RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224, fps=1.0)
     args = parser.parse_args(argv)
     run_prepare_command(parser, "mm_debiased", args.out, lambda: prepare_listed(
         MM_DEBIASED, args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))

@@ -233,9 +233,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def prepare_parser(name: str, description: str, raw_layout: str, cache_layout: str, source: str,
-                   short_side: int) -> argparse.ArgumentParser:
+                   short_side: int, fps: float | None = None) -> argparse.ArgumentParser:
     """The ``balance-prepare <name>`` parser: ``--raw``, ``--out``, ``--workers``, ``--short-side`` and
-    ``--jpeg-quality``, with the raw and cache layouts and the source in its help.
+    ``--jpeg-quality`` (and ``--fps`` for video), with the raw and cache layouts and the source in its help.
 
     Args:
         name: the data set's module and command name.
@@ -244,6 +244,7 @@ def prepare_parser(name: str, description: str, raw_layout: str, cache_layout: s
         cache_layout: the cache's layout.
         source: where the raw download is obtained.
         short_side: the default ``--short-side`` (pixels of an image's or frame's short side in the cache).
+        fps: the default ``--fps`` (frames kept per second of video); None: no ``--fps`` (images, not video).
     """
     parser = argparse.ArgumentParser(
         prog=f"balance-prepare {name}", description=description,
@@ -257,6 +258,8 @@ def prepare_parser(name: str, description: str, raw_layout: str, cache_layout: s
     parser.add_argument("--short-side", type=int, default=short_side,
                         help=f"resize images so the short side has this many pixels (0: keep; default {short_side})")
     parser.add_argument("--jpeg-quality", type=int, default=95)
+    if fps is not None:
+        parser.add_argument("--fps", type=float, default=fps, help=f"frames kept per second of video (default {fps:g})")
     return parser
 
 

@@ -58,8 +58,7 @@ VGGSOUND = ListedDataSet(
 def main(argv: Sequence[str] | None = None) -> None:
     """``balance-prepare vggsound --raw RAW --out OUT [--workers N] [--fps 1] [--short-side 224]``."""
     parser = prepare_parser("vggsound", "Prepare VGGSound (vggsound.csv and the clips it lists) into spectrograms "
-                            "and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224)
-    parser.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default 1)")
+                            "and 1 fps frames.", RAW_LAYOUT, CACHE_LAYOUT, SOURCE, short_side=224, fps=1.0)
     args = parser.parse_args(argv)
     run_prepare_command(parser, "vggsound", args.out, lambda: prepare_listed(
         VGGSOUND, args.raw, args.out, args.workers, args.fps, args.short_side, args.jpeg_quality))
