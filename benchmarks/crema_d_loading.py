@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
 
     frames = [len(list((out / "visual" / c).glob("*.jpg"))) for c in clips]
     labels = [EMOTIONS.index(parse_clip(c)[1]) for c in clips]
-    packs = clip_packs(out, clips, frames, out / "packed")
+    packs = clip_packs(out, clips, frames, out / "packed", frames=ClipDataset.frame_modalities,
+                      arrays=ClipDataset.array_modalities)
     prepared = ClipDataset(out, clips, labels, frames, num_frames=1, image_size=224, train=True, packs=packs)
     prepared_files = ClipDataset(out, clips, labels, frames, num_frames=1, image_size=224, train=True)
     pil_transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -228,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     audio_bytes = sum((out / "audio" / f"{c}.npy").stat().st_size for c in clips)
     per = 1e3 * len(clips)
     print(f"\ndisk per clip ({sum(frames) / len(clips):.2f} frames at 1 fps): spectrogram {audio_bytes / per:.0f} kB, "
-          f"JPEG frames {jpeg_bytes / per:.0f} kB; packs: decoded frames {packs.frames.nbytes / per:.0f} kB, audio "
-          f"{packs.audio.nbytes / per:.0f} kB")
+          f"JPEG frames {jpeg_bytes / per:.0f} kB; packs: decoded frames "
+          f"{packs.frames['visual'].nbytes / per:.0f} kB, audio {packs.arrays['audio'].nbytes / per:.0f} kB")
 
 
 if __name__ == "__main__":

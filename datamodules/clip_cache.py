@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from datamodules.cache import PreparedCacheDataModule
 from datamodules.clip_packs import ClipPacks, clip_packs
-from datamodules.clips import ClipDataset, clip_cached
+from datamodules.clips import ClipDataset
 from datamodules.splits import stratified_split
 
 #: where training reads items from: memory-mapped packs of the decoded frames and the audio arrays, or the files
@@ -22,16 +22,19 @@ STORES = ("packed", "files")
 
 
 class ClipCacheDataModule(PreparedCacheDataModule):
-    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads items from.
+    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads items from. Its
+    ``dataset_class`` (:class:`~datamodules.clips.ClipDataset` or a subclass) names the cache's modalities.
 
     Args:
         store: ``packed`` (default): the frames decoded once, at the first setup, and the audio arrays copied into
-            memory-mapped packs (``<pack_dir>/frames.bin``, ``audio.bin``; their sizes are logged, and
+            memory-mapped packs (``<pack_dir>/visual.bin``, ``audio.bin``: one per modality; their sizes are logged, and
             ``docs/datasets/`` gives them per data set), then read without opening a file or decoding an image;
             ``files``: each item read from the cache's own files (``.npy`` and JPEG; no extra disk).
         pack_dir: where the packs go (default ``<root>/packed``; another directory for a read-only cache).
         **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s.
     """
+
+    dataset_class: type[ClipDataset] = ClipDataset
 
     def __init__(self, *args: Any, store: str = "packed", pack_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -44,7 +47,8 @@ class ClipCacheDataModule(PreparedCacheDataModule):
         """The clips' packs (``store=packed``), or None (``store=files``)."""
         if self.store == "files":
             return None
-        return clip_packs(self.root, clips, counts, self.pack_dir or self.root / "packed")
+        return clip_packs(self.root, clips, counts, self.pack_dir or self.root / "packed",
+                          frames=self.dataset_class.frame_modalities, arrays=self.dataset_class.array_modalities)
 
 
 class LabelledClipsDataModule(ClipCacheDataModule):
@@ -68,7 +72,6 @@ class LabelledClipsDataModule(ClipCacheDataModule):
     item_column = "clip"
     label_column = "label"
     default_classes: int  # the class count a config check sees before setup reads the cache's
-    dataset_class: type[ClipDataset] = ClipDataset
     split_choices = ("official", "stratified")
 
     def __init__(self, root: str | None = None, split: str = "official", test_fraction: float = 0.1,
@@ -99,10 +102,10 @@ class LabelledClipsDataModule(ClipCacheDataModule):
         labels = np.array([index[r[self.label_column]] for r in rows], dtype=np.int64)
         splits = np.array([r["split"] for r in rows], dtype=object)
         frames = np.array([int(r["frames"]) for r in rows])
-        lost = [item for item, n in zip(items, frames) if n < 1 or not clip_cached(item, self.root)]
+        lost = [item for item, n in zip(items, frames) if n < 1 or not self.dataset_class.cached(self.root, item)]
         if lost:
-            raise self._missing_error(f"{len(lost)} {self.item_noun}s of {self.root}/{self.index_file} have no audio "
-                                      f"or frames (e.g. {lost[:3]}); re-run the preparation, it resumes")
+            raise self._missing_error(f"{len(lost)} {self.item_noun}s of {self.root}/{self.index_file} lack a "
+                                      f"modality's files (e.g. {lost[:3]}); re-run the preparation, it resumes")
         return items, labels, splits, frames
 
     def split_indices(self, items: Sequence[str], labels: np.ndarray, splits: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,11 +1,13 @@
-"""The clip cache the audio-visual data sets share (``audio/<clip>.npy``, ``visual/<clip>/*.jpg``): writing one
-clip into it, and reading items from it or from its packs (:mod:`datamodules.clip_packs`)."""
+"""The clip cache the video data sets share (``audio/<clip>.npy``, ``visual/<clip>/*.jpg``, or other modalities'
+folders in the same layout): writing one audio-visual clip into it, and reading items from it or from its packs
+(:mod:`datamodules.clip_packs`)."""
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,11 +78,42 @@ def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
         raise ClipError("; ".join(problems))
 
 
-def read_frame(root: Path, clip: str, k: int) -> torch.Tensor:
-    """Frame ``k`` of ``clip`` in the cache ``root`` (``visual/<clip>/0000k.jpg``), decoded: ``uint8 [3, H, W]``."""
+def read_frame(root: Path, clip: str, k: int, folder: str = "visual", gray: bool = False) -> torch.Tensor:
+    """Frame ``k`` of ``clip`` in the cache ``root`` (``<folder>/<clip>/0000k.jpg``), decoded: ``uint8 [3, H, W]``,
+    or ``[1, H, W]`` for ``gray``."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    return decode_jpeg(read_file(str(root / "visual" / clip / f"{k:05d}.jpg")), mode=ImageReadMode.RGB)
+    path = root / folder / clip / f"{k:05d}.jpg"
+    return decode_jpeg(read_file(str(path)), mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB)
+
+
+@dataclass(frozen=True)
+class FrameModality:
+    """A modality of frames in a clip cache: the folders (``<folder>/<clip>/00000.jpg, ...``, the same frame
+    numbers in each) whose images are stacked along channels, and the transform of its items.
+
+    Args:
+        folders: the cache folders, in channel order.
+        gray: the images are read as one grey channel each (e.g. the two components of optical flow), else RGB.
+        transform: ``transform(image_size, train)`` builds the items' transform (a module-level function).
+    """
+
+    folders: tuple[str, ...]
+    gray: bool = False
+    transform: Callable[[int, bool], Callable[[torch.Tensor], torch.Tensor]] = frame_transform
+
+    def read(self, root: Path, clip: str, k: int) -> torch.Tensor:
+        """Frame ``k`` of ``clip``: ``uint8 [C, H, W]`` (3 channels per RGB folder, 1 per grey one)."""
+        images = [read_frame(root, clip, k, folder, self.gray) for folder in self.folders]
+        return images[0] if len(images) == 1 else torch.cat(images)
+
+    def cached(self, root: Path, clip: str) -> bool:
+        """Whether the cache ``root`` holds the clip's frames in every folder."""
+        return all((root / folder / clip).is_dir() for folder in self.folders)
+
+
+#: the RGB frames of the audio-visual caches (``visual/<clip>/``)
+VISUAL = FrameModality(("visual",))
 
 
 def clips_csv(clips: Sequence[Any], out: Path) -> str:
@@ -99,14 +132,19 @@ class ClipDataset(Dataset):
 
     The cache layout the audio-visual preparations share: ``audio/<clip>.npy`` (a 2-D spectrogram or filter
     bank) and ``visual/<clip>/00000.jpg, 00001.jpg, ...`` (frames in temporal order), or the same frames decoded
-    in packs with the audio arrays (:func:`~datamodules.clip_packs.clip_packs`).
+    in packs with the audio arrays (:func:`~datamodules.clip_packs.clip_packs`). A subclass names other
+    modalities (``array_modalities``: ``<name>/<clip>.npy``; ``frame_modalities``: :class:`FrameModality`), e.g.
+    UCF-101's RGB and optical flow frames; every frame modality takes the same frame numbers.
 
     Training picks ``T`` of a clip's frames at random (in temporal order); evaluation takes the centres of ``T``
     equal segments (the middle frame for ``T = 1``). A clip with fewer than ``T`` frames repeats frames.
 
     Args:
-        packs: the clips' packed frames and audio (None: read the cache's files per item).
+        packs: the clips' packed frames and arrays (None: read the cache's files per item).
     """
+
+    array_modalities: tuple[str, ...] = ("audio",)
+    frame_modalities: Mapping[str, FrameModality] = {"visual": VISUAL}
 
     def __init__(self, root: Path, clips: Sequence[str], labels: Sequence[int], frames: Sequence[int],
                  num_frames: int, image_size: int, train: bool, packs: ClipPacks | None = None) -> None:
@@ -117,7 +155,13 @@ class ClipDataset(Dataset):
         self.frames = np.asarray(frames)
         self.num_frames = num_frames
         self.train = train
-        self.transform = frame_transform(image_size, train)
+        self.transforms = {name: spec.transform(image_size, train) for name, spec in self.frame_modalities.items()}
+
+    @classmethod
+    def cached(cls, root: Path, clip: str) -> bool:
+        """Whether the cache ``root`` holds every modality of ``clip``."""
+        return all((root / name / f"{clip}.npy").is_file() for name in cls.array_modalities) and \
+            all(spec.cached(root, clip) for spec in cls.frame_modalities.values())
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -133,18 +177,22 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         clip = self.clips[index]
         indices = self._frame_indices(int(self.frames[index]))
-        if self.packs is not None:
-            audio = torch.from_numpy(self.packs.audio[clip]).float().unsqueeze(0)
-            # A copy of just these frames, [T, 3, H, W] in channels-last memory (index_select: indexing with a list
-            # costs ten times as much).
-            stored = torch.from_numpy(self.packs.frames[clip])
-            frames = stored.index_select(0, torch.as_tensor(indices)).permute(0, 3, 1, 2)
-        else:
-            audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy")).float().unsqueeze(0)
-            frames = torch.stack([read_frame(self.root, clip, k) for k in indices])
-        return {"inputs": {"audio": self._audio(audio), "visual": self.transform(frames)},
-                "label": int(self.labels[index])}
+        inputs = {}
+        for name in self.array_modalities:
+            array = self.packs.arrays[name][clip] if self.packs is not None else \
+                np.load(self.root / name / f"{clip}.npy")
+            inputs[name] = self._array(name, torch.from_numpy(array).float().unsqueeze(0))
+        for name, spec in self.frame_modalities.items():
+            if self.packs is not None:
+                # A copy of just these frames, [T, C, H, W] in channels-last memory (index_select: indexing with a
+                # list costs ten times as much).
+                stored = torch.from_numpy(self.packs.frames[name][clip])
+                frames = stored.index_select(0, torch.as_tensor(indices)).permute(0, 3, 1, 2)
+            else:
+                frames = torch.stack([spec.read(self.root, clip, k) for k in indices])
+            inputs[name] = self.transforms[name](frames)
+        return {"inputs": inputs, "label": int(self.labels[index])}
 
-    def _audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """The item's audio from the cached array ``[1, ...]`` (a subclass may cut a window)."""
-        return audio
+    def _array(self, name: str, array: torch.Tensor) -> torch.Tensor:
+        """The item's ``name`` input from the cached array ``[1, ...]`` (a subclass may cut a window)."""
+        return array

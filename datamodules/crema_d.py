@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from datamodules.clip_cache import ClipCacheDataModule
-from datamodules.clips import ClipDataset, clip_cached, write_clip
+from datamodules.clips import clip_cached, write_clip
 from datamodules.media import tiled_log_stft
 from datamodules.preparation import (
     atomic_write_text,
@@ -300,6 +300,6 @@ class CremaDDataModule(ClipCacheDataModule):
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
         self.split_actors = {name: sorted(set(actors[idx].tolist())) for name, idx in parts.items()}
         packs = self.clip_packs(clips, frames)
-        return self.split_datasets(parts, lambda idx, train: ClipDataset(
+        return self.split_datasets(parts, lambda idx, train: self.dataset_class(
             self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
             packs=packs))

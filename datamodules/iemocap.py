@@ -78,6 +78,7 @@ class IEMOCAPDataModule(ClipCacheDataModule):
     """
 
     modalities = ["audio", "visual", "text"]
+    dataset_class = IEMOCAPDataset
     num_classes = 4
     title = "IEMOCAP"
     cache_name = "iemocap"
@@ -179,6 +180,6 @@ class IEMOCAPDataModule(ClipCacheDataModule):
         frames = np.full(len(rows), int(meta["frames"]))
 
         packs = self.clip_packs(names, frames)
-        return self.split_datasets(parts, lambda idx, train: IEMOCAPDataset(
+        return self.split_datasets(parts, lambda idx, train: self.dataset_class(
             self.root, [names[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
             packs=packs, tokens=tokens[torch.from_numpy(idx)]))

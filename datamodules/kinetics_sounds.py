@@ -97,6 +97,7 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
     """
 
     modalities = ["audio", "visual"]
+    dataset_class = KineticsSoundsDataset
     num_classes = len(CLASSES)
     title = "Kinetics-Sounds"
     cache_name = "kinetics_sounds"
@@ -178,6 +179,6 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
         parts = self._split_indices(clips, labels, raw_splits)
         self.split_clips = {name: [clips[i] for i in idx] for name, idx in parts.items()}
         packs = self.clip_packs(clips, frames)
-        return self.split_datasets(parts, lambda idx, train: KineticsSoundsDataset(
+        return self.split_datasets(parts, lambda idx, train: self.dataset_class(
             self.root, [clips[i] for i in idx], labels[idx], frames[idx], self.num_frames, self.image_size, train,
             packs=packs))

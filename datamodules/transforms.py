@@ -25,6 +25,16 @@ class ImageNetNormalize(torch.nn.Module):
         return images.to(torch.float32).sub_(self.shift).mul_(self.scale)
 
 
+class CentredScale(torch.nn.Module):
+    """uint8 images to float32 in [-1, 1], 127.5 to 0: quantised optical flow (zero motion at the middle grey) to
+    signed values."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"CentredScale takes uint8 images, got {images.dtype}")
+        return images.to(torch.float32).sub_(127.5).div_(127.5)
+
+
 class FrameTransform:
     """Training: RandomResizedCrop + horizontal flip (OGM-GE, MLA); evaluation: Resize + CenterCrop. Both end in
     ImageNet normalisation. Applied to uint8 images ``[..., 3, H, W]`` (the stacked frames of a clip get one crop;
@@ -75,12 +85,37 @@ class FrameTransform:
                                                      mode="bilinear", align_corners=False, antialias=True)
             images = images.reshape(*lead, *images.shape[-3:])
             if torch.rand(1) < 0.5:  # RandomHorizontalFlip(p=0.5)'s draw
-                images = images.flip(-1)
+                images = self.flip(images)
         else:
             images = F.center_crop(F.resize(images, self.size, antialias=True), self.size)
         return self.normalize(images)
+
+    def flip(self, images: torch.Tensor) -> torch.Tensor:
+        """The images mirrored left to right."""
+        return images.flip(-1)
+
+
+class FlowTransform(FrameTransform):
+    """The frame transform of optical flow images ``[..., 2, H, W]`` (the horizontal ``u`` and vertical ``v``
+    components, uint8 with zero motion at 127.5, as :mod:`datamodules.optical_flow` stores them): the same crops
+    and resizes; a horizontal flip also reverses the horizontal motion (``u -> 255 - u``, as two-stream networks
+    flip flow); then signed values in [-1, 1] (:class:`CentredScale`) instead of ImageNet normalisation."""
+
+    def __init__(self, image_size: int, train: bool) -> None:
+        super().__init__(image_size, train)
+        self.normalize = CentredScale()
+
+    def flip(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.flip(-1)
+        images[..., 0, :, :] = 255 - images[..., 0, :, :]
+        return images
 
 
 def frame_transform(image_size: int, train: bool) -> FrameTransform:
     """The transform of images and frames for training (``train``) or evaluation: :class:`FrameTransform`."""
     return FrameTransform(image_size, train)
+
+
+def flow_transform(image_size: int, train: bool) -> FlowTransform:
+    """The transform of optical flow frames for training (``train``) or evaluation: :class:`FlowTransform`."""
+    return FlowTransform(image_size, train)

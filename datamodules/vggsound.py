@@ -25,7 +25,7 @@ class VGGSoundDataset(ClipDataset):
     window of the cached 10 s spectrogram, at a random start in training (as OGM-GE draws it) and in the middle in
     evaluation, and ``T`` frames (random in training, the centres of ``T`` equal parts in evaluation)."""
 
-    def _audio(self, audio: torch.Tensor) -> torch.Tensor:
+    def _array(self, name: str, audio: torch.Tensor) -> torch.Tensor:
         columns = audio.shape[-1]
         if columns <= WINDOW:
             return audio

@@ -60,7 +60,7 @@ def test_a_pack_returns_each_array_as_written(tmp_path):
 
 def test_decoded_frames_give_the_items_the_jpeg_cache_gives(cache):
     decoded, jpeg = datamodule(cache), datamodule(cache, store="files")
-    assert (cache / "packed" / "frames.bin").is_file() and (cache / "packed" / "audio.bin").is_file()
+    assert (cache / "packed" / "visual.bin").is_file() and (cache / "packed" / "audio.bin").is_file()
     for split in ("train", "val", "test"):
         a, b = decoded.datasets[split].dataset, jpeg.datasets[split].dataset
         assert a.packs is not None and b.packs is None
@@ -79,16 +79,16 @@ def test_decoded_frames_give_the_items_the_jpeg_cache_gives(cache):
 def test_the_pack_is_built_once_and_again_when_the_cache_changes(cache, tmp_path):
     pack_dir = tmp_path / "pack"
     datamodule(cache, pack_dir=str(pack_dir))
-    written = (pack_dir / "frames.bin").stat().st_mtime_ns
+    written = (pack_dir / "visual.bin").stat().st_mtime_ns
     datamodule(cache, pack_dir=str(pack_dir))
-    assert (pack_dir / "frames.bin").stat().st_mtime_ns == written, "reused"
-    index = json.loads((pack_dir / "frames.json").read_text())
+    assert (pack_dir / "visual.bin").stat().st_mtime_ns == written, "reused"
+    index = json.loads((pack_dir / "visual.json").read_text())
     index["source"] = "another cache"
-    (pack_dir / "frames.json").write_text(json.dumps(index))
+    (pack_dir / "visual.json").write_text(json.dumps(index))
     datamodule(cache, pack_dir=str(pack_dir))
-    assert (pack_dir / "frames.bin").stat().st_mtime_ns != written, "a pack of another cache is written again"
+    assert (pack_dir / "visual.bin").stat().st_mtime_ns != written, "a pack of another cache is written again"
     counts = {c: len(list((cache / "visual" / c).glob("*.jpg"))) for c in CLIPS}
-    pack = Pack(pack_dir / "frames")
+    pack = Pack(pack_dir / "visual")
     assert {c: pack.shapes[pack.position[c]][0] for c in CLIPS} == counts
     assert all(pack.shapes[pack.position[c]][-1] == 3 for c in CLIPS), "channels last"
     audio = Pack(pack_dir / "audio")
@@ -147,4 +147,4 @@ def test_packs_the_disk_cannot_hold_are_refused_before_writing(cache, tmp_path, 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**5))  # 100 kB free
     with pytest.raises(OSError, match=r"need about 0\.\d GB.*data.pack_dir.*data.store=files"):
         datamodule(cache, pack_dir=str(tmp_path / "small"))
-    assert not (tmp_path / "small" / "frames.bin").exists()
+    assert not (tmp_path / "small" / "visual.bin").exists()
