@@ -90,10 +90,12 @@ class PreparedCacheDataModule(MultimodalDataModule):
 
     # -- splits ----------------------------------------------------------------------------------------------------
 
-    def carve_val(self, train: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """Moves ``val_fraction`` of ``train`` (indices) to validation, stratified by class and seeded."""
+    def carve_val(self, train: np.ndarray, labels: np.ndarray,
+                  groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Moves ``val_fraction`` of ``train`` (indices) to validation, stratified by class and seeded; with
+        ``groups`` (every item's group), whole groups."""
         parts = stratified_split(labels[train], {"train": 1 - self.val_fraction, "val": self.val_fraction},
-                                 self.seed)
+                                 self.seed, groups=None if groups is None else groups[train])
         return {"train": train[parts["train"]], "val": train[parts["val"]]}
 
     def file_split(

@@ -52,10 +52,13 @@ class ClipCacheDataModule(PreparedCacheDataModule):
 
 
 class LabelledClipsDataModule(ClipCacheDataModule):
-    """A clip cache whose index (``index_file``: a row per item with its ``label_column``, ``split`` and
-    ``frames``) gives every item's class and split, and whose ``meta.json`` names the classes (VGGSound,
-    MM-Debiased, AVE). A subclass sets the index's names, ``default_classes``, ``dataset_class`` and the cache's
-    attributes, and implements ``_missing_error``.
+    """A clip cache whose index (``index_file``: a row per item with its ``label_column``, ``split_column`` and
+    ``frames``, and optionally a ``group_column``) gives every item's class and split, and whose ``meta.json``
+    names the classes (VGGSound, MM-Debiased, AVE, UCF-101). A subclass sets the index's names,
+    ``default_classes``, ``dataset_class`` and the cache's attributes, and implements ``_missing_error``.
+
+    With a ``group_column`` (e.g. UCF-101's clips cut from one long video), the items of a class that share its
+    value are a group, and no group is split between train, validation and test by a split this module makes.
 
     Args:
         root: the prepared cache (``data.root``).
@@ -71,6 +74,8 @@ class LabelledClipsDataModule(ClipCacheDataModule):
     index_file = "clips.csv"
     item_column = "clip"
     label_column = "label"
+    split_column = "split"
+    group_column: str | None = None
     default_classes: int  # the class count a config check sees before setup reads the cache's
     split_choices = ("official", "stratified")
 
@@ -83,6 +88,7 @@ class LabelledClipsDataModule(ClipCacheDataModule):
         self.num_frames = num_frames
         self.classes: list[str] = []
         self.split_items: dict[str, list[str]] = {}
+        self.item_groups: np.ndarray | None = None  # per item, its group's number (with a group_column)
 
     @property
     def num_classes(self) -> int:
@@ -100,8 +106,12 @@ class LabelledClipsDataModule(ClipCacheDataModule):
                                       "prepare the cache again into a new directory")
         items = [r[self.item_column] for r in rows]
         labels = np.array([index[r[self.label_column]] for r in rows], dtype=np.int64)
-        splits = np.array([r["split"] for r in rows], dtype=object)
+        splits = np.array([r[self.split_column] for r in rows], dtype=object)
         frames = np.array([int(r["frames"]) for r in rows])
+        if self.group_column is not None:
+            # A group is a class's items of one group value (a value may recur in other classes).
+            keys = [f"{r[self.label_column]}\t{r[self.group_column]}" for r in rows]
+            self.item_groups = np.unique(keys, return_inverse=True)[1]
         lost = [item for item, n in zip(items, frames) if n < 1 or not self.dataset_class.cached(self.root, item)]
         if lost:
             raise self._missing_error(f"{len(lost)} {self.item_noun}s of {self.root}/{self.index_file} lack a "
@@ -112,14 +122,15 @@ class LabelledClipsDataModule(ClipCacheDataModule):
         """The indices of each split (see ``split``)."""
         if self.split == "stratified":
             return stratified_split(labels, {"train": 1 - self.val_fraction - self.test_fraction,
-                                             "val": self.val_fraction, "test": self.test_fraction}, self.seed)
+                                             "val": self.val_fraction, "test": self.test_fraction}, self.seed,
+                                    groups=self.item_groups)
         parts = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
         if not len(parts["train"]) or not len(parts["test"]):
             raise ValueError(f"split=official needs {self.item_noun}s of the train and test splits; {self.root} has "
                              f"{len(parts['train'])} train and {len(parts['test'])} test {self.item_noun}s: use "
                              "split=stratified")
         if not len(parts["val"]):
-            parts.update(self.carve_val(parts["train"], labels))
+            parts.update(self.carve_val(parts["train"], labels, self.item_groups))
         return parts
 
     def build_datasets(self) -> dict[str, Dataset]:

@@ -13,7 +13,9 @@ it and go on.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -164,31 +166,23 @@ def resized_size(width: int, height: int, short_side: int | None) -> tuple[int, 
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def extract_frames(
-    path: str | Path, fps: float = 1.0, short_side: int | None = 224, max_frames: int | None = None
-) -> list:
-    """Frames of a video at ``fps`` frames per second, as RGB PIL images.
+def video_frames(path: str | Path, fps: float = 1.0) -> Iterator[tuple[Any, bool]]:
+    """Every decoded frame of a video (a PyAV ``VideoFrame``) with whether it is one of the frames kept at ``fps``
+    frames per second.
 
-    Frame ``k`` is the first decoded frame whose timestamp is at or after ``k / fps`` seconds (from the stream's
-    first timestamp, with half a frame of tolerance for rounded timestamps), so at 1 fps: the first frame of every
-    second, the frames the reference preprocessing (OGM-GE) keeps.
-
-    Args:
-        path: the video file.
-        fps: frames kept per second.
-        short_side: resize so that the shorter side has this many pixels (bicubic); ``None`` or 0 keeps the size.
-        max_frames: stop after this many frames (``None``: the whole video).
+    Frame ``k`` kept is the first decoded frame whose timestamp is at or after ``k / fps`` seconds (from the
+    stream's first timestamp, with half a frame of tolerance for rounded timestamps), so at 1 fps: the first frame
+    of every second, the frames the reference preprocessing (OGM-GE) keeps.
 
     Raises:
         MediaError: missing, empty, LFS pointer, corrupt, no video stream, or no decodable frame.
     """
     import av
-    from PIL import Image
 
     path = check_file(path)
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    images = []
+    kept = decoded = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -201,22 +195,51 @@ def extract_frames(
                 time = frame.time if frame.time is not None else index / rate
                 if start is None:
                     start = time
+                decoded += 1
                 # Half a frame of tolerance: rounded timestamps (FLV's milliseconds) can land just below k / fps.
-                if time - start + 0.5 / rate < len(images) / fps:
-                    continue
-                image = frame.to_image()
-                size = resized_size(image.width, image.height, short_side)
-                if size != image.size:
-                    image = image.resize(size, Image.BICUBIC)
-                images.append(image)
-                if max_frames is not None and len(images) >= max_frames:
-                    break
+                keep = time - start + 0.5 / rate >= kept / fps
+                kept += keep
+                yield frame, keep
     except MediaError:
         raise
     except Exception as error:  # av.FFmpegError and subclasses, OSError
         raise MediaError(f"{path}: unreadable video ({type(error).__name__}: {error})") from error
-    if not images:
+    if not decoded:
         raise MediaError(f"{path}: no decodable video frame")
+
+
+def frame_image(frame: Any, short_side: int | None) -> Any:
+    """A decoded PyAV frame as an RGB PIL image whose short side is ``short_side`` pixels (bicubic; ``None`` or 0
+    keeps the size)."""
+    from PIL import Image
+
+    image = frame.to_image()
+    size = resized_size(image.width, image.height, short_side)
+    return image.resize(size, Image.BICUBIC) if size != image.size else image
+
+
+def extract_frames(
+    path: str | Path, fps: float = 1.0, short_side: int | None = 224, max_frames: int | None = None
+) -> list:
+    """Frames of a video at ``fps`` frames per second (those :func:`video_frames` keeps), as RGB PIL images.
+
+    Args:
+        path: the video file.
+        fps: frames kept per second.
+        short_side: resize so that the shorter side has this many pixels (bicubic); ``None`` or 0 keeps the size.
+        max_frames: stop after this many frames (``None``: the whole video).
+
+    Raises:
+        MediaError: missing, empty, LFS pointer, corrupt, no video stream, or no decodable frame.
+    """
+    images = []
+    frames = video_frames(path, fps)
+    for frame, keep in frames:
+        if keep:
+            images.append(frame_image(frame, short_side))
+            if max_frames is not None and len(images) >= max_frames:
+                frames.close()
+                break
     return images
 
 
