@@ -12,7 +12,7 @@ from compose import CONF_DIR, compose_train
 
 # Data each model config is built for (a new model config is tested with avdigits unless listed here).
 MODEL_DATA = {"mlp": "synthetic", "small_cnn": "synthetic", "easy_vqa": "easy_vqa", "iemocap": "iemocap",
-              "food101": "food101", "mvsa": "mvsa", "mosei": "mosei"}
+              "food101": "food101", "mvsa": "mvsa", "mosei": "mosei", "ucf101": "ucf101"}
 
 
 def _compose(overrides: list[str], run_dir=None):
