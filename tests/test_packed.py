@@ -148,3 +148,13 @@ def test_packs_the_disk_cannot_hold_are_refused_before_writing(cache, tmp_path, 
     with pytest.raises(OSError, match=r"need about 0\.\d GB.*data.pack_dir.*data.store=files"):
         datamodule(cache, pack_dir=str(tmp_path / "small"))
     assert not (tmp_path / "small" / "visual.bin").exists()
+
+
+def test_the_frame_pack_of_the_older_layout_is_removed(cache, tmp_path):
+    pack_dir = tmp_path / "pack"
+    pack_dir.mkdir()
+    for suffix in (".bin", ".json"):
+        (pack_dir / f"frames{suffix}").write_text("layout 2")
+    datamodule(cache, pack_dir=str(pack_dir))
+    assert not (pack_dir / "frames.bin").exists() and not (pack_dir / "frames.json").exists()
+    assert (pack_dir / "visual.bin").is_file() and (pack_dir / "audio.bin").is_file()

@@ -246,11 +246,13 @@ def test_errors_name_the_layout_the_command_and_the_splits(raw, cache, tmp_path)
     assert exit_info.value.code == 2
 
 
-def test_one_training_run_end_to_end(cache, tmp_path):
+@pytest.mark.parametrize("experiment", ["valuation/ucf101_concat", "valuation/ucf101_sample_level"])
+def test_one_training_run_end_to_end(cache, tmp_path, experiment):
     small = ["~model.encoders", small_encoder("rgb", 3), small_encoder("flow", 2)]
-    results = train_briefly(["data=ucf101", "model=ucf101", f"data.root={cache}", "data.num_workers=0",
-                             "data.batch_size=4", "data.image_size=32", *small], tmp_path)
-    assert {"acc", "acc_rgb", "acc_flow"} <= set(results["test"])
+    resampling = ["method.warmup_epochs=0"] if experiment.endswith("sample_level") else []  # resample at once
+    results = train_briefly([f"experiment={experiment}", f"data.root={cache}", "data.num_workers=0",
+                             "data.batch_size=4", "data.image_size=32", *resampling, *small], tmp_path)
+    assert {"acc", "acc_rgb", "acc_flow", "phi_rgb", "phi_flow"} <= set(results["test"])
 
 
 def test_the_flow_stream_learns_the_motion_classes(cache, tmp_path):
