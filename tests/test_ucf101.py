@@ -115,6 +115,20 @@ def test_farneback_recovers_the_motion_of_each_kept_frame(raw):
     assert all(abs(float(np.median(np.asarray(u))) - 127.5) <= 1 for u, _ in still)
 
 
+def test_tvl1_recovers_the_motion_or_names_the_package_it_needs(raw):
+    import cv2
+
+    path = raw / "UCF-101" / "MoveRight" / f"{clip_name('MoveRight', 1, 1)}.avi"
+    if not hasattr(cv2, "optflow"):  # opencv-python-headless, the flow extra's: TV-L1 is in the contrib build
+        with pytest.raises(ImportError, match="opencv-contrib-python-headless"):
+            frames_and_flow(path, fps=1, short_side=0, method="tvl1")
+        return
+    _, flow = frames_and_flow(path, fps=1, short_side=0, method="tvl1")
+    for u, _ in flow:
+        motion = (np.median(np.asarray(u, np.float32)[12:-12, 12:-12]) - 127.5) * 2 * BOUND / 255
+        assert motion == pytest.approx(2.0, abs=0.35)
+
+
 def test_the_lists_are_read_and_checked(raw, tmp_path):
     classes = list(CLASSES)
     entries = read_list(raw / "ucfTrainTestlist" / "testlist01.txt", classes)
