@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from hydra.utils import get_class
 
+from balance.environment import describe
 from balance.overrides import expand_home
 from balance.paired import paired_markdown, paired_rows, save_paired_figure
 from balance.reproduce_figures import Keys, epoch_metrics, mean_std, write_figures
@@ -281,12 +282,16 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     by_seed: dict[str, dict[int, dict[str, float]]] = {}
     selections = set()
+    environments: dict[str, int] = {}
     for run in runs:
         entry = rows.setdefault(run.row.name, {"reference": run.row.reference, "source": run.row.source,
                                                "seeds": [], "values": {}})
         if run.status != "done":
             continue
-        selections.add(json.loads((run.directory / "results.json").read_text()).get("selection", "?"))
+        results = json.loads((run.directory / "results.json").read_text())
+        selections.add(results.get("selection", "?"))
+        setting = describe(results["environment"]) if "environment" in results else "not recorded"
+        environments[setting] = environments.get(setting, 0) + 1
         entry["seeds"].append(run.seed)
         for key, value in test_scalars(run.directory).items():
             if key in METRICS or "/" in key or re.fullmatch(r"(acc|phi)_\w+", key):
@@ -298,7 +303,8 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
                                          else values)
                           for key, values in entry["values"].items()}
     baselines = {run.row.name: run.row.baseline for run in runs}
-    return {"selection": sorted(selections), "rows": rows, "paired": paired_rows(by_seed, baselines)}
+    return {"selection": sorted(selections), "environments": environments, "rows": rows,
+            "paired": paired_rows(by_seed, baselines)}
 
 
 def diagnostic_classes(runs: list[Run]) -> dict[str, type[Diagnostic]]:
@@ -347,7 +353,7 @@ def markdown(title: str, summary: dict[str, Any], protocol: str,
               "acc - reference"]
     lines = [f"# {title}", "",
              f"Test metrics, mean ± sample std over seeds. Selection: {', '.join(summary['selection']) or 'none yet'} "
-             f"(protocol={protocol}).", "",
+             f"(protocol={protocol}). {environment_line(summary.get('environments') or {})}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in rows.items():
         stats, reference = row["stats"], row["reference"]
@@ -361,6 +367,17 @@ def markdown(title: str, summary: dict[str, Any], protocol: str,
         lines += ["", "References: " + "; ".join(sources) + "."]
     lines += paired_markdown(summary.get("paired") or {})
     return "\n".join(lines + diagnostics_markdown(rows, diagnostics or {})) + "\n"
+
+
+def environment_line(environments: dict[str, int]) -> str:
+    """Where the runs ran (:func:`~balance.environment.describe`), with a warning where they ran on more than one
+    setting: the thread count alone moves a run's numbers."""
+    if not environments:
+        return ""
+    if len(environments) == 1:
+        return f"Every run: {next(iter(environments))}."
+    return ("Runs on more than one setting, whose numbers are not comparable seed by seed: " +
+            "; ".join(f"{setting} ({count} runs)" for setting, count in sorted(environments.items())) + ".")
 
 
 def diagnostics_markdown(rows: dict[str, Any], diagnostics: dict[str, type[Diagnostic]]) -> list[str]:
@@ -401,7 +418,8 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
     serialisable = {name: {**row, "stats": {k: list(v) for k, v in row["stats"].items()}}
                     for name, row in summary["rows"].items()}
     (out / "table.json").write_text(json.dumps({"title": title, "protocol": protocol,
-                                                "selection": summary["selection"], "rows": serialisable,
+                                                "selection": summary["selection"],
+                                                "environments": summary["environments"], "rows": serialisable,
                                                 "paired": summary["paired"]}, indent=2, allow_nan=True))
     return text
 

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from balance.checkpoints import read_checkpoint
 from balance.console import console_callbacks
 from balance.diagnostics import DiagnosticsCallback
+from balance.environment import run_environment
 from balance.methods import MultimodalMethod
 from balance.option_types import check_options
 from balance.report import format_results
@@ -285,6 +286,7 @@ def _evaluate_and_report(cfg: DictConfig, trainer: pl.Trainer, method: Multimoda
         "best_checkpoint": checkpoint,
         "best_epoch": method.loaded_epoch if checkpoint else None,
         **extra,
+        "environment": run_environment(trainer.strategy.root_device),
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from balance.reproduce import TABLES, Row, load_table, main, plan_runs, write_table
@@ -45,6 +46,8 @@ def test_table_over_two_seeds_then_resume_runs_nothing(table, tmp_path, capsys):
     line = next(l for l in text.splitlines() if l.startswith("| joint "))
     assert f"{mean:.2f} ± {std:.2f}" in line and "50.00" in line and f"{mean - 50:+.2f}" in line
     assert "protocol=val" in text and "best val/acc" in text
+    threads = results[("joint", 0)]["environment"]["threads"]
+    assert f"Every run: {threads} torch thread" in text, "the runs' setting is stated"
     # MLA against joint, paired by seed: the mean difference and its t interval (t(0.975, 1) = 12.706).
     diffs = [100 * (results[("mla", s)]["test"]["acc"] - results[("joint", s)]["test"]["acc"]) for s in (0, 1)]
     paired = summary["paired"]["mla"]
@@ -244,3 +247,29 @@ def test_a_new_diagnostic_gets_its_column_and_figure_from_its_class(tmp_path, ca
     assert _diagnostics_cells(text) == {"a": {"toy acc (%)": "15.00 ± 7.07"}, "b": {"toy acc (%)": "40.00"}}
     assert (tmp_path / "figures" / "toy.png").stat().st_size > 0 and "[toy](figures/toy.png)" in text
     assert "diagnostic broken (no_such_module.Diagnostic) not importable" in capsys.readouterr().err
+
+
+def test_the_table_warns_when_runs_ran_on_different_settings(tmp_path):
+    runs = _finished_runs(tmp_path, {"a": {"acc": [0.5, 0.6]}})
+    for run, threads in zip(runs, (1, 2)):
+        results = json.loads((run.directory / "results.json").read_text())
+        results["environment"] = {"device": "cpu", "cpu": "Some CPU", "threads": threads, "torch": "2.14.1"}
+        (run.directory / "results.json").write_text(json.dumps(results))
+    text = write_table("Mixed", runs, tmp_path, "val")
+    assert ("Runs on more than one setting, whose numbers are not comparable seed by seed: 1 torch thread on Some CPU "
+            "(cpu), torch 2.14.1 (1 runs); 2 torch threads on Some CPU (cpu), torch 2.14.1 (1 runs).") in text
+    assert json.loads((tmp_path / "table.json").read_text())["environments"] == {
+        "1 torch thread on Some CPU (cpu), torch 2.14.1": 1, "2 torch threads on Some CPU (cpu), torch 2.14.1": 1}
+
+
+def test_the_environment_records_the_thread_count_and_the_cpu():
+    from balance.environment import describe, run_environment
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        environment = run_environment(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert environment["threads"] == 1 and environment["device"] == "cpu" and environment["cpu"]
+    assert describe(environment).startswith(f"1 torch thread on {environment['cpu']} (cpu), torch ")
