@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def reference_item(i):
         audio = reference_audio(raw / "AudioWAV" / f"{clips[i]}.wav")
-        visual = prepared.transform(prepared_frames(i))
+        visual = prepared.transforms["visual"](prepared_frames(i))
         return audio, visual
 
     def prepared_frames(i):
