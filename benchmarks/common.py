@@ -17,6 +17,8 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
+from balance.environment import cpu_model
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Read at import, before a script's --threads changes it.
 DEFAULT_THREADS = torch.get_num_threads()
@@ -51,8 +53,7 @@ def load_config(overrides: list[str]):
 
 def machine() -> str:
     """torch, Lightning, CPU count and model, torch threads: the line the README's machine notes come from."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     threads = "torch's default" if torch.get_num_threads() == DEFAULT_THREADS else "set with --threads"
     return (f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, {os.cpu_count()} CPUs ({cpu}), "
             f"torch threads {torch.get_num_threads()} ({threads}), Python {platform.python_version()}")

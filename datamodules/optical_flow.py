@@ -8,6 +8,7 @@ mapped linearly to 0..255, zero motion at 127.5 (:func:`quantise`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def flow_method(method: str):
     except ImportError as error:
         raise ImportError(f"computing optical flow needs OpenCV: pip install -e \".[flow]\" (or pip install "
                           f"{METHODS[method]})") from error
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        # OpenCV keeps its own thread pool: one thread per preparation worker, as torch's (the pool is the
+        # parallelism), where the worker sets OMP_NUM_THREADS.
+        cv2.setNumThreads(int(os.environ["OMP_NUM_THREADS"]))
     if method == "farneback":
         return lambda previous, current: cv2.calcOpticalFlowFarneback(previous, current, None, *FARNEBACK, 0)
     if not hasattr(cv2, "optflow"):
@@ -78,20 +83,21 @@ def frames_and_flow(path: str | Path, fps: float, short_side: int | None, method
     """
     calc = flow_method(method)
     rgb, flow = [], []
+    # Decoded frames are kept as they come and turned grey only where a flow needs them (the conversion of every
+    # frame cost more than the flow of the kept ones).
     previous = pending = pending_previous = None
     for frame, keep in video_frames(path, fps):
-        grey = _grey(frame)
         if pending is not None:
-            flow.append(_resized(quantise(calc(pending, grey)), short_side))
+            flow.append(_resized(quantise(calc(_grey(pending), _grey(frame))), short_side))
             pending = None
         if keep:
             rgb.append(frame_image(frame, short_side))
-            pending = grey
-            pending_previous = previous
-        previous = grey
+            pending, pending_previous = frame, previous
+        previous = frame
     if pending is not None:
-        motion = calc(pending_previous, pending) if pending_previous is not None else \
-            np.zeros((*pending.shape, 2), np.float32)
+        grey = _grey(pending)
+        motion = calc(_grey(pending_previous), grey) if pending_previous is not None else \
+            np.zeros((*grey.shape, 2), np.float32)
         flow.append(_resized(quantise(motion), short_side))
     return rgb, flow
 
