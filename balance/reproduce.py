@@ -40,6 +40,7 @@ import json
 import math
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -292,6 +293,8 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         selections.add(results.get("selection", "?"))
         setting = describe(results["environment"]) if "environment" in results else "not recorded"
         environments[setting] = environments.get(setting, 0) + 1
+        if results.get("seconds") is not None:
+            entry.setdefault("seconds", []).append(results["seconds"])
         entry["seeds"].append(run.seed)
         for key, value in test_scalars(run.directory).items():
             if key in METRICS or "/" in key or re.fullmatch(r"(acc|phi)_\w+", key):
@@ -353,7 +356,8 @@ def markdown(title: str, summary: dict[str, Any], protocol: str,
               "acc - reference"]
     lines = [f"# {title}", "",
              f"Test metrics, mean ± sample std over seeds. Selection: {', '.join(summary['selection']) or 'none yet'} "
-             f"(protocol={protocol}). {environment_line(summary.get('environments') or {})}", "",
+             f"(protocol={protocol}). {environment_line(summary.get('environments') or {})}"
+             f"{cost_line(rows)}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in rows.items():
         stats, reference = row["stats"], row["reference"]
@@ -378,6 +382,17 @@ def environment_line(environments: dict[str, int]) -> str:
         return f"Every run: {next(iter(environments))}."
     return ("Runs on more than one setting, whose numbers are not comparable seed by seed: " +
             "; ".join(f"{setting} ({count} runs)" for setting, count in sorted(environments.items())) + ".")
+
+
+def cost_line(rows: dict[str, Any]) -> str:
+    """What the runs cost: the median and range of a run's wall time (training and testing, as ``results.json``
+    records it) and the sum over the runs that record it."""
+    seconds = sorted(t for row in rows.values() for t in row.get("seconds", []))
+    if not seconds:
+        return ""
+    median = statistics.median(seconds)
+    return (f" Run time: median {median / 60:.1f} min a run ({seconds[0] / 60:.1f}-{seconds[-1] / 60:.1f}), "
+            f"{sum(seconds) / 3600:.1f} h for the {len(seconds)} runs that record it.")
 
 
 def diagnostics_markdown(rows: dict[str, Any], diagnostics: dict[str, type[Diagnostic]]) -> list[str]:

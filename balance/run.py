@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -155,6 +156,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         ``{"val": {...}, "test": {...}, "best_checkpoint": path, "best_epoch": int, "selection": ...}``.
     """
+    started = time.monotonic()
     if cfg.trainer.get("max_epochs") == 0:
         raise ValueError("trainer.max_epochs=0 trains nothing; to evaluate a trained checkpoint without training use "
                          "task=evaluate ckpt_path=<run>/checkpoints/<file>.ckpt")
@@ -178,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if best is None:
         log.warning("no best checkpoint (no ModelCheckpoint with a monitor): testing the last weights")
     selection = PROTOCOLS[cfg.get("protocol", "val")] if best else "last epoch"
-    return _evaluate_and_report(cfg, trainer, method, datamodule, best, {"selection": selection})
+    return _evaluate_and_report(cfg, trainer, method, datamodule, best, {"selection": selection}, started)
 
 
 def _seed(cfg: DictConfig) -> int:
@@ -212,6 +214,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rebuilt as it was trained, except for the ``data.``, ``model.`` and ``method.`` keys the command line sets;
     the trainer, loggers, callbacks and diagnostics come from the command line.
     """
+    started = time.monotonic()
     if not cfg.get("ckpt_path"):
         raise ValueError("task=evaluate needs ckpt_path=<run>/checkpoints/<file>.ckpt")
     checkpoint = Path(cfg.ckpt_path).expanduser()
@@ -221,7 +224,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     try:
         return _evaluate_and_report(cfg, trainer, method, datamodule, str(checkpoint),
-                                    {"selection": "given checkpoint"})
+                                    {"selection": "given checkpoint"}, started)
     except RuntimeError as error:
         if "state_dict" not in str(error):
             raise
@@ -274,7 +277,9 @@ def _command_line_keys() -> list[str]:
 
 
 def _evaluate_and_report(cfg: DictConfig, trainer: pl.Trainer, method: MultimodalMethod, datamodule: Any,
-                         checkpoint: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+                         checkpoint: str | None, extra: dict[str, Any], started: float) -> dict[str, Any]:
+    """Tests ``checkpoint`` on val and test and writes ``results.json``, with the environment and the seconds
+    since ``started`` (this process's: a resumed run counts its resumed part)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     val = trainer.validate(method, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)[0]
@@ -287,6 +292,7 @@ def _evaluate_and_report(cfg: DictConfig, trainer: pl.Trainer, method: Multimoda
         "best_epoch": method.loaded_epoch if checkpoint else None,
         **extra,
         "environment": run_environment(trainer.strategy.root_device),
+        "seconds": round(time.monotonic() - started, 1),
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))

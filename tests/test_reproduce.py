@@ -48,6 +48,10 @@ def test_table_over_two_seeds_then_resume_runs_nothing(table, tmp_path, capsys):
     assert "protocol=val" in text and "best val/acc" in text
     threads = results[("joint", 0)]["environment"]["threads"]
     assert f"Every run: {threads} torch thread" in text, "the runs' setting is stated"
+    seconds = sorted(r["seconds"] for r in results.values())
+    assert all(s > 0 for s in seconds)
+    assert f"Run time: median {(seconds[1] + seconds[2]) / 120:.1f} min a run" in text
+    assert f"{sum(seconds) / 3600:.1f} h for the 4 runs that record it." in text
     # MLA against joint, paired by seed: the mean difference and its t interval (t(0.975, 1) = 12.706).
     diffs = [100 * (results[("mla", s)]["test"]["acc"] - results[("joint", s)]["test"]["acc"]) for s in (0, 1)]
     paired = summary["paired"]["mla"]
