@@ -30,7 +30,8 @@ run through a launcher: ``--launcher slurm --parallel 8`` queues eight rows' see
 
 ``--evaluate NAME`` trains nothing: it evaluates every finished run's selected checkpoint with the overrides given
 (``task=evaluate``, e.g. ``-- "diagnostics=[mm_shap]"``) into ``<run>/NAME/``, and the table adds the numbers, so a
-diagnostic can be added to a finished table without retraining.
+diagnostic can be added to a finished table without retraining. ``--export DIR`` trains nothing: it copies the table
+and every finished run's records (no checkpoints) into DIR, laid out as OUT, to commit it or continue elsewhere.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -439,6 +441,29 @@ def write_table(title: str, runs: list[Run], out: Path, protocol: str) -> str:
     return text
 
 
+#: what a finished run's export keeps: what the table and its figures are written from
+RECORDS = ("results.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "csv/version_*/metrics.csv",
+           "*/results.json", "*/.hydra/config.yaml")
+TABLE_FILES = ("table.md", "table.json", "figures/*.png")
+
+
+def export_runs(runs: list[Run], out: Path, target: Path) -> int:
+    """Copies ``out``'s table and every finished run's :data:`RECORDS` into ``target`` (the same layout); returns
+    how many runs. A table written from the copy equals the original; runs there count as done (no checkpoints:
+    ``--evaluate`` and ``evaluate_from`` rows need the original runs)."""
+    def copy(paths: Iterable[Path]) -> None:
+        for path in paths:
+            destination = target / path.relative_to(out)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, destination)
+
+    copy(path for pattern in TABLE_FILES for path in out.glob(pattern))
+    finished = [run for run in runs if run.status == "done"]
+    for run in finished:
+        copy(path for pattern in RECORDS for path in sorted(run.directory.glob(pattern)))
+    return len(finished)
+
+
 def _run_all(todo: list[tuple[list[Run], list[str]]], parallel: int = 1) -> list[str]:
     """Runs the commands, ``parallel`` at a time in table order, a row's only once the rows it needs
     (:meth:`Row.needs`) have none left to run; progress on stdout. Returns the labels of those that failed."""
@@ -497,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluate", metavar="NAME",
                         help="train nothing: evaluate each finished run's selected checkpoint with the overrides "
                              "after -- (e.g. more diagnostics) into <run>/NAME/; the table adds their numbers")
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="train nothing: write the table from the finished runs and copy it, with every finished "
+                             "run's records (results, configs, per-epoch metrics; no checkpoints), into DIR, laid out "
+                             "as the output directory, so the table can be rewritten or continued elsewhere")
     args, extra = parser.parse_known_args(argv)
     extra = expand_home([e for e in extra if e != "--"])
     unknown = [e for e in extra if e.startswith("-")]
@@ -532,14 +561,17 @@ def main(argv: list[str] | None = None) -> None:
         for _, command in todo + ([] if args.evaluate else derived_commands(runs, extra, every_run)):
             print(shlex.join(command))
         return
-    failed = _run_all(todo, args.parallel)
-    if not args.evaluate:  # the rows evaluating other rows' checkpoints, now that those are trained
+    failed = [] if args.export else _run_all(todo, args.parallel)
+    if not args.evaluate and not args.export:  # the rows evaluating other rows' checkpoints, now they are trained
         failed += _run_all(derived_commands(runs, extra, every_run), args.parallel)
     # The table covers every row and every seed run so far, whichever subset this call ran.
     seeds = set(range(args.seeds)) | {int(p.name.removeprefix("seed")) for p in out.glob("*/seed*")
                                       if re.fullmatch(r"seed\d+", p.name)}
     print(write_table(title, plan_runs(rows, sorted(seeds), out), out, args.protocol))
     print(f"table: {out / 'table.md'}")
+    if args.export:
+        copied = export_runs(plan_runs(rows, sorted(seeds), out), out, args.export.resolve())
+        print(f"exported the table and {copied} finished runs' records to {args.export}")
     if failed:
         print(f"balance-reproduce: failed: {'; '.join(failed)} (rerun to retry them)", file=sys.stderr)
         raise SystemExit(1)

@@ -71,6 +71,20 @@ def test_table_over_two_seeds_then_resume_runs_nothing(table, tmp_path, capsys):
     main([str(table), "--seeds", "2", "--out", str(out), "--", *TINY])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
 
+    # The export: the table and the runs' records without checkpoints; the table written again from it is the same,
+    # and its runs count as done.
+    exported = tmp_path / "exported"
+    main([str(table), "--seeds", "2", "--out", str(out), "--export", str(exported), "--", *TINY])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps, "an export trains nothing"
+    assert not list(exported.rglob("*.ckpt")) and (exported / "figures" / "paired.png").is_file()
+    assert (exported / "joint" / "seed1" / ".hydra" / "config.yaml").is_file()
+    assert list((exported / "mla" / "seed0" / "csv").glob("version_*/metrics.csv"))
+    capsys.readouterr()
+    main([str(table), "--seeds", "2", "--out", str(exported), "--dry-run", "--", *TINY])
+    assert capsys.readouterr().out.count("done") == 4
+    main([str(table), "--seeds", "2", "--out", str(exported), "--export", str(tmp_path / "again"), "--", *TINY])
+    assert (exported / "table.md").read_text() == text
+
 
 def test_dry_run_lists_pending_runs_and_one_multirun_per_row(table, tmp_path, capsys):
     out = tmp_path / "out"
