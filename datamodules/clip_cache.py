@@ -22,13 +22,13 @@ STORES = ("packed", "files")
 
 
 class ClipCacheDataModule(PreparedCacheDataModule):
-    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP), with the store training reads items from. Its
+    """A prepared cache of clips (CREMA-D, Kinetics-Sounds, IEMOCAP, ...), with the store training reads items from. Its
     ``dataset_class`` (:class:`~datamodules.clips.ClipDataset` or a subclass) names the cache's modalities.
 
     Args:
         store: ``packed`` (default): the frames decoded once, at the first setup, and the audio arrays copied into
-            memory-mapped packs (``<pack_dir>/visual.bin``, ``audio.bin``: one per modality; their sizes are logged, and
-            ``docs/datasets/`` gives them per data set), then read without opening a file or decoding an image;
+            memory-mapped packs (``<pack_dir>/visual.bin``, ``audio.bin``: one per modality; their sizes are logged,
+            and ``docs/datasets/`` gives them per data set), then read without opening a file or decoding an image;
             ``files``: each item read from the cache's own files (``.npy`` and JPEG; no extra disk).
         pack_dir: where the packs go (default ``<root>/packed``; another directory for a read-only cache).
         **kwargs: :class:`~datamodules.cache.PreparedCacheDataModule`'s.

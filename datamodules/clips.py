@@ -28,8 +28,9 @@ class ClipError(MediaError):
 
 
 def clip_cached(clip: str, out: Path) -> bool:
-    """Whether the cache ``out`` holds both the audio and the frames of ``clip``."""
-    return (out / "audio" / f"{clip}.npy").is_file() and (out / "visual" / clip).is_dir()
+    """Whether the audio-visual cache ``out`` holds both the audio and the frames of ``clip`` (the preparations'
+    check of a clip done: :meth:`ClipDataset.cached`)."""
+    return ClipDataset.cached(out, clip)
 
 
 def write_clip(clip: str, out: Path, audio: Path, video: Path, sample_rate: int,
