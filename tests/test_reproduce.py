@@ -250,7 +250,8 @@ def test_shipped_diagnostics_declare_the_committed_columns_and_figures(study, tm
     assert labels[:3] == ["row", "emap/acc_gap", "missing_modality/acc_r0.50"], "diagnostic by diagnostic, by name"
     assert not any(label.endswith(("_correct", "_incorrect")) for label in labels)
     figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
-    committed_figures = {p.name for p in (RESULTS / study).glob("*.png")} - {"contributions.png"}
+    committed_figures = {p.name for pattern in ("*.png", "figures/*.png")  # copied flat, or exported (--export)
+                         for p in (RESULTS / study).glob(pattern)} - {"contributions.png"}
     assert figures == committed_figures and {"emap.png", "missing_modality.png", "modality_gap.png"} <= figures
 
 
