@@ -25,7 +25,6 @@ class AVEDataModule(LabelledClipsDataModule):
             ``test_fraction``, ``store``, ``pack_dir``, ``image_size``, ``batch_size``, ...).
     """
 
-    modalities = ["audio", "visual"]
     title = "AVE"
     cache_name = "ave"
     cache_version = CACHE_VERSION

@@ -35,6 +35,11 @@ class ClipCacheDataModule(PreparedCacheDataModule):
     """
 
     dataset_class: type[ClipDataset] = ClipDataset
+    modalities = ClipDataset.modality_names()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.modalities = cls.dataset_class.modality_names()  # the dataset class owns the names
 
     def __init__(self, *args: Any, store: str = "packed", pack_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -87,9 +87,12 @@ def clip_packs(root: Path, clips: Sequence[str], counts: Sequence[int], director
         pack = Pack(path)
         return pack if pack.source == cache and all(clip in pack for clip in clips) else None
 
+    def assembled() -> ClipPacks:
+        return ClipPacks({n: found[n] for n in frames}, {n: found[n] for n in arrays})
+
     found = {name: current(name) for name in names}
     if all(pack is not None for pack in found.values()):
-        return ClipPacks({n: found[n] for n in frames}, {n: found[n] for n in arrays})
+        return assembled()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         lock = (directory / ".packing.lock").open("w")
@@ -119,7 +122,7 @@ def clip_packs(root: Path, clips: Sequence[str], counts: Sequence[int], director
                 found[name] = Pack(directory / name)
                 log.info("%s pack: %.2f GB", name, found[name].nbytes / 1e9)
         _remove_old_frame_pack(directory, names)
-    return ClipPacks({n: found[n] for n in frames}, {n: found[n] for n in arrays})
+    return assembled()
 
 
 def _remove_old_frame_pack(directory: Path, names: Sequence[str]) -> None:

@@ -117,14 +117,16 @@ class FrameModality:
 VISUAL = FrameModality(("visual",))
 
 
-def clips_csv(clips: Sequence[Any], out: Path) -> str:
-    """``clips.csv`` of labelled clips (each with ``clip``, ``label`` and ``split``): ``clip,label,split,frames``, the
-    frames counted in the cache ``out``."""
+def clips_csv(clips: Sequence[Any], out: Path, columns: Sequence[str] = ("label", "split"),
+              frame_folder: str = "visual") -> str:
+    """``clips.csv`` of prepared clips: ``clip``, each of ``columns`` (attributes of every clip) and ``frames``,
+    the number of frames in ``out/<frame_folder>/<clip>/``."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["clip", "label", "split", "frames"])
+    writer.writerow(["clip", *columns, "frames"])
     for c in clips:
-        writer.writerow([c.clip, c.label, c.split, len(list((out / "visual" / c.clip).glob("*.jpg")))])
+        writer.writerow([c.clip, *(getattr(c, name) for name in columns),
+                         len(list((out / frame_folder / c.clip).glob("*.jpg")))])
     return text.getvalue()
 
 
@@ -146,6 +148,8 @@ class ClipDataset(Dataset):
 
     array_modalities: tuple[str, ...] = ("audio",)
     frame_modalities: Mapping[str, FrameModality] = {"visual": VISUAL}
+    #: inputs a subclass adds to the items from elsewhere than the cache's folders (e.g. a transcript's tokens)
+    other_modalities: tuple[str, ...] = ()
 
     def __init__(self, root: Path, clips: Sequence[str], labels: Sequence[int], frames: Sequence[int],
                  num_frames: int, image_size: int, train: bool, packs: ClipPacks | None = None) -> None:
@@ -157,6 +161,11 @@ class ClipDataset(Dataset):
         self.num_frames = num_frames
         self.train = train
         self.transforms = {name: spec.transform(image_size, train) for name, spec in self.frame_modalities.items()}
+
+    @classmethod
+    def modality_names(cls) -> list[str]:
+        """The items' inputs, in order: the arrays, the frame modalities, then the others."""
+        return [*cls.array_modalities, *cls.frame_modalities, *cls.other_modalities]
 
     @classmethod
     def cached(cls, root: Path, clip: str) -> bool:

@@ -237,7 +237,6 @@ class CremaDDataModule(ClipCacheDataModule):
             ``seed``, ...).
     """
 
-    modalities = ["audio", "visual"]
     num_classes = 6
     title = "CREMA-D"
     cache_name = "crema_d"

@@ -38,6 +38,8 @@ class IEMOCAPDataset(ClipDataset):
         *args, **kwargs: :class:`ClipDataset`'s (root, utterance ids, labels, frames per utterance, ...).
     """
 
+    other_modalities = ("text",)
+
     def __init__(self, *args, tokens: torch.Tensor, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if len(tokens) != len(self.clips):
@@ -77,7 +79,6 @@ class IEMOCAPDataModule(ClipCacheDataModule):
         **kwargs: the base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ``missing_rate``, ...).
     """
 
-    modalities = ["audio", "visual", "text"]
     dataset_class = IEMOCAPDataset
     num_classes = 4
     title = "IEMOCAP"

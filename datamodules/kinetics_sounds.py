@@ -96,7 +96,6 @@ class KineticsSoundsDataModule(ClipCacheDataModule):
             (``image_size``) and the base datamodule's arguments (``batch_size``, ``num_workers``, ``seed``, ...).
     """
 
-    modalities = ["audio", "visual"]
     dataset_class = KineticsSoundsDataset
     num_classes = len(CLASSES)
     title = "Kinetics-Sounds"

@@ -25,7 +25,6 @@ class MMDebiasedDataModule(LabelledClipsDataModule):
             ``test_fraction``, ``store``, ``pack_dir``, ``image_size``, ``batch_size``, ...).
     """
 
-    modalities = ["audio", "visual"]
     title = "MM-Debiased"
     cache_name = "mm_debiased"
     cache_version = CACHE_VERSION

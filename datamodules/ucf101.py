@@ -39,7 +39,6 @@ class UCF101DataModule(LabelledClipsDataModule):
             ``test_fraction``, ``store``, ``pack_dir``, ``image_size``, ``batch_size``, ...).
     """
 
-    modalities = ["rgb", "flow"]
     title = "UCF-101"
     cache_name = "ucf101"
     cache_version = CACHE_VERSION

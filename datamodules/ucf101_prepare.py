@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
+from datamodules.clips import clips_csv
 from datamodules.media import MediaError, save_frames
 from datamodules.optical_flow import BOUND, FARNEBACK, METHODS, flow_method, frames_and_flow, kept_frame_numbers, \
     precomputed_flow
@@ -37,6 +37,7 @@ COMMAND = f"{PROG} --raw RAW --out OUT"
 #: the cache's frame folders: RGB, and the two flow components
 FOLDERS = ("rgb", "flow/u", "flow/v")
 FLOW_CHOICES = (*METHODS, "precomputed")
+CSV_COLUMNS = ("label", "group", *(f"split{s}" for s in OFFICIAL_SPLITS))
 CACHE_LAYOUT = f"""\
 OUT/
   meta.json                 preparation parameters, the 101 classes, the official splits found and counts (written
@@ -71,15 +72,10 @@ def _prepare_clip(video: str, raw: str, out: str, fps: float, short_side: int, q
             save_frames(frames, temp, quality=quality)
 
 
-def _clips_csv(scan: RawScan, usable: Sequence, out: Path) -> str:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["clip", "label", "group", *(f"split{s}" for s in OFFICIAL_SPLITS), "frames"])
-    for c in usable:
-        parts = scan.parts[c.clip]
-        writer.writerow([c.clip, c.label, c.group, *(parts.get(s, "") for s in OFFICIAL_SPLITS),
-                         len(list((out / "rgb" / c.clip).glob("*.jpg")))])
-    return text.getvalue()
+def _csv_rows(scan: RawScan, usable: Sequence) -> list[SimpleNamespace]:
+    """The ``clips.csv`` fields of every usable clip: its class, group and part in each official split."""
+    return [SimpleNamespace(clip=c.clip, label=c.label, group=c.group,
+                            **{f"split{s}": scan.parts[c.clip].get(s, "") for s in OFFICIAL_SPLITS}) for c in usable]
 
 
 def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: float = 1.0, short_side: int = 224,
@@ -124,7 +120,7 @@ def prepare(raw: str | Path, out: str | Path, workers: int | None = None, fps: f
     ready = set(run.ok + run.done)
     usable = [c for c in scan.clips if c.video in ready]
     if usable:
-        atomic_write_text(out / "clips.csv", _clips_csv(scan, usable, out))
+        atomic_write_text(out / "clips.csv", clips_csv(_csv_rows(scan, usable), out, CSV_COLUMNS, frame_folder="rgb"))
     details = [f"raw: {raw} ({len(scan.clips)} listed clips with a video; official splits {scan.splits})",
                f"flow: {flow}" + (f" from {flow_path}" if flow == "precomputed" else ""), f"out: {out}"]
     finish(report, out, PROG, details, usable=len(usable))  # exits 1 if nothing is usable

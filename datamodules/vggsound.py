@@ -48,7 +48,6 @@ class VGGSoundDataModule(LabelledClipsDataModule):
             ``test_fraction``, ``store``, ``pack_dir``, ``image_size``, ``batch_size``, ...).
     """
 
-    modalities = ["audio", "visual"]
     title = "VGGSound"
     cache_name = "vggsound"
     cache_version = CACHE_VERSION
