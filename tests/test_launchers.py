@@ -71,15 +71,15 @@ def test_reproduce_passes_its_launcher_to_every_run(tmp_path, capsys):
                "--dry-run", "--", *TINY])
     commands = [line for line in capsys.readouterr().out.splitlines() if "train.py" in line]
     assert len(commands) == 2 and all("hydra/launcher=joblib" in c and " -m " in c for c in commands)
-    reproduce([str(table), "--seeds", "2", "--out", str(out), "--launcher", "joblib", "--parallel", "2", "--",
-               *TINY, "hydra.launcher.n_jobs=2"])
+    # One seed of each row (two seeds under joblib: test_joblib_runs_two_seeds_in_parallel_and_writes_both_results)
+    reproduce([str(table), "--seeds", "1", "--out", str(out), "--launcher", "joblib", "--parallel", "2", "--",
+               *TINY])
     for row in ("joint", "sum"):
-        for seed in (0, 1):
-            assert (out / row / f"seed{seed}" / "results.json").is_file()
-            launcher = yaml.safe_load((out / row / f"seed{seed}" / ".hydra" / "hydra.yaml").read_text())
-            assert "Joblib" in launcher["hydra"]["launcher"]["_target_"]
+        assert (out / row / "seed0" / "results.json").is_file()
+        launcher = yaml.safe_load((out / row / "seed0" / ".hydra" / "hydra.yaml").read_text())
+        assert "Joblib" in launcher["hydra"]["launcher"]["_target_"]
     table_json = json.loads((out / "table.json").read_text())
-    assert {name: len(row["seeds"]) for name, row in table_json["rows"].items()} == {"joint": 2, "sum": 2}
+    assert {name: len(row["seeds"]) for name, row in table_json["rows"].items()} == {"joint": 1, "sum": 1}
 
 
 def test_each_parallel_run_holds_a_device_of_its_own(tmp_path):
