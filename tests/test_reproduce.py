@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from balance.reproduce import TABLES, Row, load_table, main, plan_runs, write_table
+from balance.reproduce import TABLES, Row, load_table, main, plan_runs
+from balance.reproduce_table import write_table
 from compose import CONF_DIR
 
 RESULTS = CONF_DIR.parent / "docs" / "results"

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
-from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_table import Column  # noqa: E402
 from balance.reproduce_figures import Bars  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import torch
 from balance.scopes import evaluation_mode, module_device, to_device
 
 if TYPE_CHECKING:
-    from balance.reproduce import Column
+    from balance.reproduce_table import Column
     from balance.reproduce_figures import TableFigure
 
 
@@ -30,7 +30,7 @@ class Diagnostic(abc.ABC):
     A subclass is registered by its config file ``conf/diagnostics/<name>.yaml`` and implements ``compute``;
     ``scalars``, ``summary`` and ``figures`` say how its result is logged, summarised in markdown and drawn;
     ``table_columns`` and ``table_figure`` which of its scalars ``balance-reproduce`` puts into a table's columns
-    (:class:`~balance.reproduce.Column`) and how it draws them across the table's rows as ``figures/<name>.png``
+    (:class:`~balance.reproduce_table.Column`) and how it draws them across the table's rows as ``figures/<name>.png``
     (:mod:`balance.reproduce_figures`), e.g.::
 
         table_columns = (Column("acc_gap"), Column("gap/{}", label="gap {}"))  # {}: a part that varies

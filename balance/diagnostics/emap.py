@@ -45,7 +45,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.scopes import evaluation_mode  # noqa: E402
 from balance.diagnostics.missing_modality import split_size  # noqa: E402
-from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_table import Column  # noqa: E402
 from balance.reproduce_figures import Bars  # noqa: E402
 
 PATHS = ("features", "inputs")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from balance import options  # noqa: E402
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.dropping import drop_features  # noqa: E402
-from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_table import Column  # noqa: E402
 from balance.reproduce_figures import Bars  # noqa: E402
 
 log = logging.getLogger(__name__)

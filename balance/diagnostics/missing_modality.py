@@ -32,7 +32,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.dropping import drop_inputs  # noqa: E402
 from balance.missing import missing_mask  # noqa: E402
-from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_table import Column  # noqa: E402
 from balance.reproduce_figures import Lines  # noqa: E402
 
 DROPS = ("features", "inputs")

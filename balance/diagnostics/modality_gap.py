@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
-from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_table import Column  # noqa: E402
 from balance.reproduce_figures import Bars  # noqa: E402
 
 

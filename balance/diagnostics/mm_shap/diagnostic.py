@@ -18,7 +18,7 @@ from balance.diagnostics.base import Diagnostic, batches  # noqa: E402
 from balance.diagnostics.mm_shap.grouping import check_layout  # noqa: E402
 from balance.diagnostics.mm_shap.sampling import mm_shap_values  # noqa: E402
 from balance.diagnostics.mm_shap.shares import modality_shares  # noqa: E402
-from balance.reproduce import Column  # noqa: E402
+from balance.reproduce_table import Column  # noqa: E402
 from balance.reproduce_figures import Keys, StackedBars  # noqa: E402
 
 
