@@ -44,12 +44,19 @@ def _overrides(method: str, num_modalities: int) -> list[str]:
         "data.image_shape=[1,4,4]", "data.batch_size=32", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "callbacks.contributions=null", "method.optimizer.lr=3.0e-3",
     ]
-    method_cfg = compose_train(overrides).method
+    method_cfg = _composed_method(tuple(overrides))
     if "teachers" in method_cfg.keys():  # UMT: the unimodal runs it distils from
         overrides.append(f"method.teachers={_teacher_runs(num_modalities)}")
     # `in .keys()`: a mandatory `???` value is not `in` the node itself.
     return overrides + [f"method.{key}={value}" for key, value in {**QUICK, **REQUIRED}.items()
                         if key in method_cfg.keys()]
+
+
+@functools.lru_cache
+def _composed_method(overrides: tuple[str, ...]):
+    """The ``method`` node the overrides compose (read only: composed once per set of overrides, since composing
+    is a large share of this file's time)."""
+    return compose_train(list(overrides)).method
 
 
 @functools.lru_cache
@@ -64,13 +71,13 @@ def _teacher_runs(num_modalities: int) -> str:
 
 def _same_class_as_joint(method: str) -> bool:
     """Whether the config is joint training under another name (``concat``, ``sum``, ``late_fusion``)."""
-    target = compose_train([f"method={method}"]).method._target_
-    return method != "joint" and target == compose_train(["method=joint"]).method._target_
+    target = _composed_method((f"method={method}",))._target_
+    return method != "joint" and target == _composed_method(("method=joint",))._target_
 
 
 def _refuses(overrides: list[str], num_modalities: int) -> bool:
     """Whether the method is defined for fewer modalities; then building it must fail, naming the limit."""
-    limit = get_class(compose_train(overrides).method._target_).max_modalities
+    limit = get_class(_composed_method(tuple(overrides))._target_).max_modalities
     if limit is None or num_modalities <= limit:
         return False
     with pytest.raises(Exception, match=f"at most {limit} modalities"):
