@@ -27,8 +27,10 @@ item by item, so that drift in a shared machine's speed hits all of them alike; 
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -122,7 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     from datamodules.media import extract_frames, save_frames
 
     torch.set_num_threads(1)
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="crema_d_bench_"))
+    if args.keep:
+        work = Path(args.keep)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="crema_d_bench_"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     raw, out, full = work / "raw", work / "cache", work / "frames_full"
     (raw / "AudioWAV").mkdir(parents=True, exist_ok=True)
     (raw / "VideoFlash").mkdir(parents=True, exist_ok=True)

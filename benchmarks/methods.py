@@ -19,8 +19,10 @@ work a method adds besides its arithmetic.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 import statistics
 import sys
@@ -65,6 +67,7 @@ def untrained_teachers() -> str:
     """``{m: <ckpt>}``: an untrained unimodal model per modality (UMT's teachers; their weights do not change the
     cost), saved with what a trained run's checkpoint holds for them."""
     directory = Path(tempfile.mkdtemp(prefix="balance-teachers-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     teachers = {}
     datamodule = build_datamodule(load_config(DATA))
     for m in datamodule.modalities:

@@ -17,6 +17,8 @@ the one-core time of the 13,320 clips of UCF-101 at each rate.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -54,7 +56,9 @@ def main() -> None:
     import cv2
 
     cv2.setNumThreads(1)
-    path = Path(tempfile.mkdtemp(prefix="ucf101_bench_")) / "v_Bench_g01_c01.avi"
+    directory = Path(tempfile.mkdtemp(prefix="ucf101_bench_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "v_Bench_g01_c01.avi"
     write_clip(path)
     variants = {"frames": lambda: extract_frames(path, 1.0, 224),
                 "frames + farneback": lambda: frames_and_flow(path, 1.0, 224, "farneback")}

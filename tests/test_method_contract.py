@@ -8,8 +8,10 @@ images (synthetic features served as [1, 4, 4]) with small CNN encoders, so meth
 kernels run too; ``QUICK`` shortens warm-ups so that every mechanism is active within the test's few epochs.
 """
 
+import atexit
 import csv
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -63,6 +65,7 @@ def _composed_method(overrides: tuple[str, ...]):
 def _teacher_runs(num_modalities: int) -> str:
     """``{m: <run dir>}`` of a short unimodal run per modality on the contract's data and model, trained once."""
     root = Path(tempfile.mkdtemp(prefix="balance-teachers-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # cached for the session, so removed at its end
     for m in MODALITIES[num_modalities]:
         overrides = [o for o in _overrides("unimodal", num_modalities) if not o.startswith("method.modality=")]
         train(compose_train([*overrides, f"method.modality={m}", "trainer.max_epochs=1"], run_dir=root / m))
