@@ -3,6 +3,8 @@ over seeds.
 
 - ``contributions.png``: each modality's mean Shapley contribution ``phi_m`` and unimodal accuracy on the
   validation split after every epoch (from the runs' CSV logs), one line per row.
+- ``convergence.png``: fused training and validation accuracy after every epoch, one panel per row, to show
+  whether the runs are long enough (validation accuracy flat over the last epochs).
 - ``<name>.png``: a diagnostic's test scalars across the rows, as its class declares (``table_figure``: one of
   :class:`Bars`, :class:`StackedBars`, :class:`Lines`, or any object with such a ``draw``). The shipped ones:
   ``emap.png`` (fused test accuracy of the model and of its EMAP, per row), ``mm_shap.png`` (each modality's
@@ -151,6 +153,44 @@ def contributions_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int,
             if line == 1:
                 ax.set_xlabel("epoch")
     axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def convergence_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int, float]]]]) -> plt.Figure | None:
+    """Fused ``train/acc`` and ``val/acc`` (%) per epoch, one panel per row (small multiples on a shared y axis:
+    one plot of 29 overlapping rows would say nothing).
+
+    Args:
+        curves: per row, one :func:`epoch_metrics` per finished seed.
+    """
+    rows = {row: runs for row, runs in curves.items() if any(run.get("val/acc") for run in runs)}
+    if not rows:
+        return None
+    columns = min(6, len(rows))
+    lines = math.ceil(len(rows) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 2.1 * lines + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, (row, runs) in zip(axes.flat, rows.items()):
+        for key, style in (("train/acc", ":"), ("val/acc", "-")):
+            series = [run[key] for run in runs if key in run]
+            if not series:
+                continue
+            epochs, mean, std = mean_curve(series)
+            ax.plot(epochs, 100 * mean, style, color="C0", label=key.split("/")[0])
+            ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color="C0", alpha=0.2)
+        ax.set_title(f"{row} ({len(runs)} seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("fused acc (%)")
+    for column in range(columns):  # the lowest panel drawn in each column carries the epochs
+        lowest = axes[(len(rows) - 1 - column) // columns, column]
+        lowest.set_xlabel("epoch")
+        lowest.xaxis.set_tick_params(labelbottom=True)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Fused accuracy per epoch, mean ± std over seeds")
     fig.tight_layout()
     return fig
 
@@ -313,8 +353,8 @@ def diagnostic_figure(name: str, diagnostic: type[Diagnostic], rows: Mapping[str
 
 def write_figures(rows: Mapping[str, Values], curves: Mapping[str, Sequence[Mapping[str, Mapping[int, float]]]],
                   out: Path, diagnostics: Mapping[str, type[Diagnostic]] | None = None) -> list[Path]:
-    """Draws every figure there are numbers for into ``out`` (PNG): ``contributions`` and each diagnostic's
-    ``table_figure`` as ``<name>``; returns their paths.
+    """Draws every figure there are numbers for into ``out`` (PNG): ``contributions``,
+    ``convergence`` and each diagnostic's ``table_figure`` as ``<name>``; returns their paths.
 
     Args:
         rows: per row, each test metric's values over the finished seeds (accuracies as fractions).
@@ -322,7 +362,7 @@ def write_figures(rows: Mapping[str, Values], curves: Mapping[str, Sequence[Mapp
         out: the figure directory (created).
         diagnostics: name (the prefix of its logged scalars) -> class of the diagnostics to draw.
     """
-    figures = {"contributions": contributions_figure(curves)}
+    figures = {"contributions": contributions_figure(curves), "convergence": convergence_figure(curves)}
     figures |= {name: diagnostic_figure(name, diagnostic, rows) for name, diagnostic in (diagnostics or {}).items()}
     paths = []
     for name, figure in figures.items():

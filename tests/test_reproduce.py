@@ -252,7 +252,7 @@ def test_shipped_diagnostics_declare_the_committed_columns_and_figures(study, tm
     assert not any(label.endswith(("_correct", "_incorrect")) for label in labels)
     figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
     committed_figures = {p.name for pattern in ("*.png", "figures/*.png")  # copied flat, or exported (--export)
-                         for p in (RESULTS / study).glob(pattern)} - {"contributions.png"}
+                         for p in (RESULTS / study).glob(pattern)} - {"contributions.png", "convergence.png"}
     assert figures == committed_figures and {"emap.png", "missing_modality.png", "modality_gap.png"} <= figures
 
 
