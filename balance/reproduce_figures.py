@@ -127,6 +127,16 @@ def _error_bar(values: Sequence[float]) -> tuple[float, float]:
     return mean, 0.0 if math.isnan(std) else std
 
 
+def _mean_band(ax: plt.Axes, series: Sequence[Mapping[int, float]], scale: float = 1.0, **line: object) -> None:
+    """One curve per epoch: the mean over ``series`` (one per seed; none: nothing drawn) x ``scale``, with a
+    ±1 std band in the line's colour; ``line``: :meth:`Axes.plot`'s styling (label, colour, line style)."""
+    if not series:
+        return
+    epochs, mean, std = mean_curve(series)
+    drawn, = ax.plot(epochs, scale * mean, **line)
+    ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=drawn.get_color(), alpha=0.2)
+
+
 def contributions_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int, float]]]]) -> plt.Figure | None:
     """Validation ``phi_m`` (top) and ``acc_m`` (bottom) per epoch for every modality (columns) and row (lines).
 
@@ -142,12 +152,8 @@ def contributions_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int,
         for line, (kind, label) in enumerate((("phi", "contribution phi"), ("acc", "unimodal accuracy"))):
             ax = axes[line, column]
             for row, runs in curves.items():
-                series = [run[f"val/{kind}_{modality}"] for run in runs if f"val/{kind}_{modality}" in run]
-                if not series:
-                    continue
-                epochs, mean, std = mean_curve(series)
-                ax.plot(epochs, mean, label=row)
-                ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+                _mean_band(ax, [run[f"val/{kind}_{modality}"] for run in runs if f"val/{kind}_{modality}" in run],
+                           label=row)
             ax.set_title(f"{modality}: {label} (val)")
             ax.grid(alpha=0.3)
             if line == 1:
@@ -173,12 +179,8 @@ def convergence_figure(curves: Mapping[str, Sequence[Mapping[str, Mapping[int, f
                              sharex=True, sharey=True)
     for ax, (row, runs) in zip(axes.flat, rows.items()):
         for key, style in (("train/acc", ":"), ("val/acc", "-")):
-            series = [run[key] for run in runs if key in run]
-            if not series:
-                continue
-            epochs, mean, std = mean_curve(series)
-            ax.plot(epochs, 100 * mean, style, color="C0", label=key.split("/")[0])
-            ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color="C0", alpha=0.2)
+            _mean_band(ax, [run[key] for run in runs if key in run], scale=100.0, linestyle=style, color="C0",
+                       label=key.split("/")[0])
         ax.set_title(f"{row} ({len(runs)} seeds)", fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(rows):]:
