@@ -128,8 +128,10 @@ def _error_bar(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _mean_band(ax: plt.Axes, series: Sequence[Mapping[int, float]], scale: float = 1.0, **line: object) -> None:
-    """One curve per epoch: the mean over ``series`` (one per seed; none: nothing drawn) x ``scale``, with a
-    ±1 std band in the line's colour; ``line``: :meth:`Axes.plot`'s styling (label, colour, line style)."""
+    """One curve per epoch: the mean over ``series`` (one per seed) x ``scale``, with a ±1 std band in the line's
+    colour; ``line``: :meth:`Axes.plot`'s styling (label, colour, line style). Seeds that logged no epoch (a row
+    that only tests another row's checkpoints) are left out; with none left nothing is drawn, not even a label."""
+    series = [curve for curve in series if curve]
     if not series:
         return
     epochs, mean, std = mean_curve(series)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from balance.reproduce_figures import convergence_figure, mean_curve
+from balance.reproduce_figures import contributions_figure, convergence_figure, mean_curve
 
 
 def _run(val, train):
@@ -32,3 +32,16 @@ def test_convergence_draws_one_panel_per_trained_row_with_the_seed_mean():
 
 def test_no_convergence_figure_without_validation_epochs():
     assert convergence_figure({"retested": [{"val/acc": {}}]}) is None and convergence_figure({}) is None
+
+
+def test_contributions_plot_the_seed_mean_and_leave_out_rows_without_epochs():
+    curves = {
+        "joint": [{"val/phi_audio": {0: 0.2, 1: 0.4}, "val/acc_audio": {0: 0.5, 1: 0.7}},
+                  {"val/phi_audio": {0: 0.4, 1: 0.6}, "val/acc_audio": {0: 0.3, 1: 0.5}}],
+        "retested": [{"val/phi_audio": {}, "val/acc_audio": {}}],
+    }
+    phi, acc = contributions_figure(curves).axes
+    assert [line.get_label() for line in phi.get_lines()] == ["joint"]
+    assert phi.get_lines()[0].get_ydata() == pytest.approx([0.3, 0.5])
+    assert acc.get_lines()[0].get_ydata() == pytest.approx([0.4, 0.6])
+    assert [text.get_text() for text in phi.get_legend().get_texts()] == ["joint"]
