@@ -12,7 +12,10 @@ A table is a YAML file (``conf/reproduce/<name>.yaml``, or any path) naming its 
 A row may give both an ``experiment`` and ``overrides`` on top of it (e.g. UMT's teachers: the unimodal rows'
 runs of the same seed, ``'${run_dir}/../../<row>/seed${seed}'``). A row (or the whole table) may name a
 ``baseline`` row: the table then adds each row's difference from it paired
-by seed, with a 95 % t interval (:mod:`balance.paired`), and ``figures/paired.png``.
+by seed, with a 95 % t interval (:mod:`balance.paired`), and ``figures/paired.png``. The table's own
+``overrides`` apply to every row, before the row's (so a row's value wins), e.g. the study's training length::
+
+    overrides: [trainer.max_epochs=40]
 
 A row with ``evaluate_from: <row above>`` trains nothing: its runs evaluate that row's selected checkpoints, seed
 by seed, with the row's overrides (``task=evaluate``), e.g. MLA's trained models with another test-time fusion.
@@ -108,13 +111,17 @@ def load_table(table: str) -> tuple[str, list[Row]]:
         known = sorted(p.stem for p in TABLES.glob("*.yaml"))
         raise FileNotFoundError(f"no table {table!r}: give a path or one of {known}")
     spec = yaml.safe_load(path.read_text())
+    common = spec.get("overrides") or []
+    if not isinstance(common, list) or not all(isinstance(o, str) for o in common):
+        raise ValueError(f"{path}: the table's `overrides` is a list of overrides for every row, "
+                         "e.g. [trainer.max_epochs=40]")
     rows = []
     for number, entry in enumerate(spec.get("rows") or [], start=1):
         if "experiment" not in entry and "overrides" not in entry:
             raise ValueError(f"{path}: row {number} needs an `experiment` or `overrides` (or both: the overrides then "
                              "apply on top of the experiment)")
         overrides = [f"experiment={entry['experiment']}"] if "experiment" in entry else []
-        overrides += list(entry.get("overrides") or [])
+        overrides += [*common, *(entry.get("overrides") or [])]
         name = entry.get("name") or entry.get("experiment")
         if not name:
             raise ValueError(f"{path}: row {number} gives overrides, so it needs a `name`")

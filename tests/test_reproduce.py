@@ -188,6 +188,25 @@ def test_one_entry_stands_for_a_row_per_value(tmp_path):
         load_table(str(path))
 
 
+def test_the_tables_overrides_reach_every_row_and_a_rows_own_value_wins(tmp_path):
+    path = tmp_path / "length.yaml"
+    path.write_text(yaml.safe_dump({"overrides": ["trainer.max_epochs=2"], "rows": [
+        {"name": "joint", "overrides": ["method=joint"]},
+        {"name": "short", "experiment": "mla/avdigits_mla", "overrides": ["trainer.max_epochs=1"]}]}))
+    _, rows = load_table(str(path))
+    assert [r.overrides for r in rows] == [
+        ["trainer.max_epochs=2", "method=joint"],
+        ["experiment=mla/avdigits_mla", "trainer.max_epochs=2", "trainer.max_epochs=1"]]
+    out = tmp_path / "out"
+    main([str(path), "--seeds", "1", "--rows", "joint", "--out", str(out), "--",
+          *[o for o in TINY if not o.startswith("trainer.max_epochs")]])
+    metrics = (out / "joint" / "seed0" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in metrics[1:]} >= {"0", "1"}, "the run trained the table's two epochs"
+    path.write_text(yaml.safe_dump({"overrides": "trainer.max_epochs=2", "rows": [{"name": "a", "overrides": []}]}))
+    with pytest.raises(ValueError, match="list of overrides for every row"):
+        load_table(str(path))
+
+
 def test_a_umt_row_distils_from_the_unimodal_rows_of_its_seed(tmp_path):
     path = tmp_path / "teachers.yaml"
     teachers = "{m0: '${run_dir}/../../only_m0/seed${seed}', m1: '${run_dir}/../../only_m1/seed${seed}'}"
