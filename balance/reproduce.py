@@ -17,6 +17,13 @@ by seed, with a 95 % t interval (:mod:`balance.paired`), and ``figures/paired.pn
 
     overrides: [trainer.max_epochs=40]
 
+A table may ``extends: <table>``: it has the other table's rows, the other's overrides then its own, and
+``row_overrides: {<row>: [...]}`` adds overrides to named rows (e.g. a schedule scaled to the new length)::
+
+    extends: avdigits_study
+    overrides: [trainer.max_epochs=40]
+    row_overrides: {relearning: [method.relearn_every=10]}
+
 A row with ``evaluate_from: <row above>`` trains nothing: its runs evaluate that row's selected checkpoints, seed
 by seed, with the row's overrides (``task=evaluate``), e.g. MLA's trained models with another test-time fusion.
 
@@ -104,17 +111,9 @@ class Run:
 
 def load_table(table: str) -> tuple[str, list[Row]]:
     """Reads a table by name (``conf/reproduce/<name>.yaml``) or path; returns its title and rows."""
-    path = Path(table)
-    if not path.is_file():
-        path = TABLES / f"{table}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in TABLES.glob("*.yaml"))
-        raise FileNotFoundError(f"no table {table!r}: give a path or one of {known}")
-    spec = yaml.safe_load(path.read_text())
+    path = _table_path(table)
+    spec = _read_spec(path)
     common = spec.get("overrides") or []
-    if not isinstance(common, list) or not all(isinstance(o, str) for o in common):
-        raise ValueError(f"{path}: the table's `overrides` is a list of overrides for every row, "
-                         "e.g. [trainer.max_epochs=40]")
     rows = []
     for number, entry in enumerate(spec.get("rows") or [], start=1):
         if "experiment" not in entry and "overrides" not in entry:
@@ -140,6 +139,54 @@ def load_table(table: str) -> tuple[str, list[Row]]:
     if unknown:
         raise ValueError(f"{path}: baseline {unknown} names no row of the table ({names})")
     return spec.get("title", path.stem), rows
+
+
+def _table_path(table: str) -> Path:
+    """The YAML file of a table given by name (``conf/reproduce/<name>.yaml``) or path."""
+    path = Path(table)
+    if not path.is_file():
+        path = TABLES / f"{table}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TABLES.glob("*.yaml"))
+        raise FileNotFoundError(f"no table {table!r}: give a path or one of {known}")
+    return path
+
+
+def _read_spec(path: Path, children: tuple[Path, ...] = ()) -> dict:
+    """A table's YAML with its ``extends:`` resolved: the parent table's rows, its overrides followed by this
+    table's, ``row_overrides: {row: [...]}`` appended to the named rows' overrides, any ``rows`` of its own after
+    the parent's, and every other key (title, baseline) this table's where it gives one."""
+    spec = yaml.safe_load(path.read_text()) or {}
+    common = spec.get("overrides")
+    if common is not None and (not isinstance(common, list) or not all(isinstance(o, str) for o in common)):
+        raise ValueError(f"{path}: the table's `overrides` is a list of overrides for every row, "
+                         "e.g. [trainer.max_epochs=40]")
+    parent = spec.pop("extends", None)
+    row_overrides = spec.pop("row_overrides", None)
+    if parent is None:
+        if row_overrides is not None:
+            raise ValueError(f"{path}: `row_overrides` changes rows of the table it `extends`, and it extends none")
+        return spec
+    parent_path = _table_path(str(parent))
+    if parent_path.resolve() in {p.resolve() for p in (path, *children)}:
+        raise ValueError(f"{path}: `extends: {parent}` makes a cycle of tables")
+    base = _read_spec(parent_path, (*children, path))
+    rows = [{**entry, "overrides": list(entry.get("overrides") or [])} for entry in base.get("rows") or []]
+    by_name = {entry.get("name") or entry.get("experiment"): entry for entry in rows}
+    if not isinstance(row_overrides or {}, dict):
+        raise ValueError(f"{path}: `row_overrides` maps a row's name to a list of overrides, "
+                         "e.g. {dimml: [method.stage2_epoch=30]}")
+    for name, extra in (row_overrides or {}).items():
+        if name not in by_name:
+            raise ValueError(f"{path}: row_overrides names {name!r}, which is no row of {parent} "
+                             f"({sorted(by_name)})")
+        if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
+            raise ValueError(f"{path}: row_overrides of {name!r} is a list of overrides")
+        by_name[name]["overrides"] += extra
+    merged = {**base, **{k: v for k, v in spec.items() if k not in ("overrides", "rows")}}
+    merged["overrides"] = [*(base.get("overrides") or []), *(spec.get("overrides") or [])]
+    merged["rows"] = [*rows, *(spec.get("rows") or [])]
+    return merged
 
 
 def _variants(entry: dict, name: str, path: Path) -> list[tuple[str, list[str], float | None]]:

@@ -14,7 +14,7 @@ from balance.reproduce_table import write_table
 from compose import CONF_DIR
 
 RESULTS = CONF_DIR.parent / "docs" / "results"
-FULL_STUDIES = {"avdigits_study", "easy_vqa_study"}  # the others: checks of a few rows with fewer diagnostics
+FULL_STUDIES = {"avdigits_study", "avdigits_40_epochs", "easy_vqa_study"}  # the others: checks of a few rows with fewer diagnostics
 
 TINY = ["data=synthetic", "model=mlp", "data.num_samples=400", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "callbacks.contributions.plots=false"]
@@ -205,6 +205,68 @@ def test_the_tables_overrides_reach_every_row_and_a_rows_own_value_wins(tmp_path
     path.write_text(yaml.safe_dump({"overrides": "trainer.max_epochs=2", "rows": [{"name": "a", "overrides": []}]}))
     with pytest.raises(ValueError, match="list of overrides for every row"):
         load_table(str(path))
+
+
+def test_a_table_extending_another_has_its_rows_and_changes_only_what_it_names(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "title": "Base", "baseline": "joint", "overrides": ["trainer.max_epochs=20"], "rows": [
+            {"name": "joint", "overrides": ["method=joint"]},
+            {"name": "only", "overrides": ["method=unimodal"], "for_each": {"method.modality": ["m0", "m1"]}},
+            {"name": "relearning", "overrides": ["method=relearning", "method.relearn_every=5"]}]}))
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump({
+        "extends": str(tmp_path / "base.yaml"), "title": "Longer", "overrides": ["trainer.max_epochs=40"],
+        "row_overrides": {"relearning": ["method.relearn_every=10"], "only": ["method.lr_scale=2"]},
+        "rows": [{"name": "extra", "overrides": ["method=mla"]}]}))
+    title, rows = load_table(str(longer))
+    assert title == "Longer"
+    assert {r.name: r.overrides for r in rows} == {
+        "joint": ["trainer.max_epochs=20", "trainer.max_epochs=40", "method=joint"],
+        "only_m0": ["trainer.max_epochs=20", "trainer.max_epochs=40", "method=unimodal", "method.lr_scale=2",
+                    "method.modality=m0"],
+        "only_m1": ["trainer.max_epochs=20", "trainer.max_epochs=40", "method=unimodal", "method.lr_scale=2",
+                    "method.modality=m1"],
+        "relearning": ["trainer.max_epochs=20", "trainer.max_epochs=40", "method=relearning",
+                       "method.relearn_every=5", "method.relearn_every=10"],
+        "extra": ["trainer.max_epochs=20", "trainer.max_epochs=40", "method=mla"]}
+    assert {r.baseline for r in rows} == {"joint"}, "the parent's baseline is kept"
+    assert load_table(str(tmp_path / "base.yaml"))[1][-1].overrides[-1] == "method.relearn_every=5", \
+        "extending a table leaves the table itself unchanged"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"row_overrides": {"joint": ["a=1"]}}, "it extends none"),
+    ({"extends": "base", "row_overrides": {"jiont": ["a=1"]}}, r"names 'jiont', which is no row of base"),
+    ({"extends": "base", "row_overrides": {"joint": "a=1"}}, "is a list of overrides"),
+    ({"extends": "cycle"}, "makes a cycle of tables"),
+])
+def test_bad_extensions_are_refused(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    Path("base").write_text(yaml.safe_dump({"rows": [{"name": "joint", "overrides": ["method=joint"]}]}))
+    Path("cycle").write_text(yaml.safe_dump({"extends": "bad.yaml"}))
+    Path("bad.yaml").write_text(yaml.safe_dump({**spec, "rows": [{"name": "own", "overrides": []}]}))
+    with pytest.raises(ValueError, match=message):
+        load_table("bad.yaml")
+
+
+@pytest.mark.parametrize("longer, study, length, scaled", [
+    ("avdigits_40_epochs", "avdigits_study", "trainer.max_epochs=40", {
+        "gblending": ["method.super_epoch=40", "method.estimate_epochs=10"],
+        "relearning": ["method.relearn_every=10"],
+        "dimml": ["method.warmup_epochs=10", "method.stage2_epoch=30"]}),
+    ("easy_vqa_10_epochs", "easy_vqa_study", "trainer.max_epochs=10", {}),
+])
+def test_the_longer_study_tables_change_only_the_length_and_the_scaled_schedules(longer, study, length, scaled):
+    """A longer table is its study with the training length after the study's own (so it wins) and, for the
+    rows whose schedule is set in epochs, that schedule scaled; rows, baselines and everything else unchanged."""
+    _, rows = load_table(study)
+    _, long_rows = load_table(longer)
+    assert [r.name for r in long_rows] == [r.name for r in rows]
+    for row, long_row in zip(rows, long_rows):
+        assert (long_row.baseline, long_row.evaluate_from) == (row.baseline, row.evaluate_from)
+        lengths = [o for o in row.overrides if o.startswith("trainer.max_epochs=")]
+        assert long_row.overrides == [*lengths, length, *row.overrides[len(lengths):], *scaled.get(row.name, [])]
+        assert [o for o in long_row.overrides if o.startswith("trainer.max_epochs=")][-1] == length, row.name
 
 
 def test_a_umt_row_distils_from_the_unimodal_rows_of_its_seed(tmp_path):
